@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on 2 CPU cores; keep torch from oversubscribing them when pytest forks helpers.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own EDM_OPT_CACHE and no ambient MLflow server."""
+    monkeypatch.setenv("EDM_OPT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
