@@ -5,3 +5,7 @@ Value" (arXiv 2506.13763), applied to EDM/EDM2 training. See docs/method.md of t
 """
 
 __version__ = "0.1.0"
+
+
+class EdmOptError(Exception):
+    """Bad input that a user can fix: the CLI prints the message (naming the file or key) and exits 1."""

@@ -1,0 +1,422 @@
+"""The optimal loss J*_sigma of a training set and its estimators (method.md sections 2-3).
+
+Xu et al., "Diagnosing and Improving Diffusion Models by Estimating the Optimal Loss Value", Theorem 1:
+for any predictor, E||f(x~) - x0||^2 >= J*_sigma = E_{x~} tr Cov[x0 | x~], and for a finite training set
+the posterior over x0 given x~ = x0 + sigma eps is a softmax over the points with logits
+-||x~ - x_n||^2 / (2 sigma^2). All values here are per dimension (totals divided by D), in the data's own
+coordinates (edm-opt: [-1, 1] pixels), at VE noise levels sigma.
+
+Implementation notes (method.md section 3, "Numerics"):
+- Logits up to a per-query constant are (q.x_n - ||x_n||^2/2) / sigma^2, one float32 GEMM against the
+  point matrix P = [x_n, -||x_n||^2/2, 1, lo]; the softmax-weighted sums [sum w x, -sum w ||x||^2/2, sum w]
+  are a second GEMM against the same P. Sums are accumulated in float64 with a running row maximum; the
+  extra column `lo` carries the float32 rounding of -||x||^2/2, so a one-hot posterior (sigma < sigma*)
+  gives exactly 0. Elsewhere the float32 GEMMs limit absolute accuracy to about 1e-7 x the data variance.
+- The data are centred first (the posterior is shift-invariant), which shrinks float32 rounding.
+- Queries are drawn in fixed blocks of QUERY_BLOCK from a generator per (seed, sigma, class, block), so the
+  result is deterministic for a seed and does not depend on how the work is chunked on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import EdmOptError, __version__
+from .diffusion import EDM_DENSITY, LogNormal, edm_weight, reference_total, sigma_key, target_factor
+from .fileio import write_json
+
+ESTIMATORS = ("full", "dol", "cdol", "snis")
+FORMAT_VERSION = 1
+QUERY_BLOCK = 512  # queries per random block, and per shared subset of the subset estimators
+SIGMA_STAR_FRACTION = 1e-3  # sigma* = largest grid sigma with J* < 1e-3 J*_max (method.md section 4)
+
+
+class JStarMismatch(EdmOptError, ValueError):
+    """A J* table that does not belong to the data, labels or sigma grid it is used with."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class OptimalLossTable:
+    """J*_sigma per dimension on a sigma grid, with standard errors and provenance (DESIGN.md format)."""
+
+    sigmas: np.ndarray
+    values: np.ndarray  # J*_sigma, per-dimension x0 MSE, float64
+    stderr: np.ndarray  # standard error of each value
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sigmas = np.asarray(self.sigmas, dtype=np.float64)
+        self.values = np.asarray(self.values, dtype=np.float64)
+        self.stderr = np.asarray(self.stderr, dtype=np.float64)
+
+    # provenance -----------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str | None:
+        return self.meta.get("dataset", {}).get("fingerprint")
+
+    @property
+    def class_conditional(self) -> bool:
+        return bool(self.meta.get("class_conditional", False))
+
+    @property
+    def data_variance(self) -> float:
+        """Per-dimension data variance, the limit of J* for sigma -> infinity (unconditional)."""
+        return float(self.meta["data_variance"])
+
+    def check_compatible(self, fingerprint: str | None = None, class_conditional: bool | None = None,
+                         sigmas: np.ndarray | None = None, source: str = "J* table") -> None:
+        """Raise JStarMismatch unless the table is for this data, conditioning and sigma grid."""
+        if fingerprint is not None and self.fingerprint != fingerprint:
+            raise JStarMismatch(f"{source} was computed for dataset fingerprint {str(self.fingerprint)[:16]}..., "
+                                f"not for this data ({fingerprint[:16]}...)")
+        if class_conditional is not None and self.class_conditional != class_conditional:
+            kind = "class-conditional" if self.class_conditional else "unconditional"
+            want = "class-conditional" if class_conditional else "unconditional"
+            raise JStarMismatch(f"{source} is {kind}, but the run is {want}")
+        if sigmas is not None and (len(sigmas) != len(self.sigmas) or not np.allclose(sigmas, self.sigmas, rtol=1e-9)):
+            raise JStarMismatch(f"{source} has sigma grid {_grid_str(self.sigmas)}, the run uses {_grid_str(sigmas)}")
+
+    # derived quantities ---------------------------------------------------------------------------
+    @property
+    def sigma_star(self) -> float:
+        """Largest grid sigma with J*_sigma < 1e-3 x J*_max: below it the data are memorised (method.md 4)."""
+        below = np.nonzero(self.values < SIGMA_STAR_FRACTION * self.values[-1])[0]
+        return float(self.sigmas[below[-1]]) if below.size else float(self.sigmas[0])
+
+    def interpolate(self, sigma, floor: float | None = None) -> np.ndarray:
+        """J* between grid points: linear in ln max(J*, floor) over ln sigma (method.md section 4).
+
+        `floor` defaults to 1e-6 x the data variance per dimension.
+        """
+        floor = 1e-6 * self.data_variance if floor is None else floor
+        lj = np.log(np.maximum(self.values, floor))
+        return np.exp(np.interp(np.log(sigma), np.log(self.sigmas), lj))
+
+    def as_target(self, target: str, sigma_data: float = 0.5) -> np.ndarray:
+        """J* in another target's native units: k(sigma) x J* (eps, fm velocity, v, EDM's F / lambda weighting)."""
+        return target_factor(target, self.sigmas, sigma_data) * self.values
+
+    def total(self, density: LogNormal = EDM_DENSITY, weight=edm_weight) -> float:
+        """Total optimal loss E_{p(sigma)}[w(sigma) J*_sigma] by quadrature over the grid's bins.
+
+        `weight` maps sigma to the x0-loss weight; the defaults give DESIGN.md's reference total.
+        """
+        return float(np.sum(density.bin_mass(self.sigmas) * weight(self.sigmas) * self.values))
+
+    def ref_total(self) -> float:
+        """DESIGN.md's reference total of J* (`jstar/ref_total`)."""
+        return reference_total(self.sigmas, self.values)
+
+    # file format ----------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **self.meta, "sigmas": self.sigmas.tolist(),
+                "jstar": self.values.tolist(), "stderr": self.stderr.tolist()}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table as JSON (atomically)."""
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, fingerprint: str | None = None,
+             class_conditional: bool | None = None, sigmas: np.ndarray | None = None) -> "OptimalLossTable":
+        """Read a table; with `fingerprint` / `class_conditional` / `sigmas`, check it belongs to them."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            version = d.pop("format_version")
+            table = cls(d.pop("sigmas"), d.pop("jstar"), d.pop("stderr"), d)
+        except FileNotFoundError:
+            raise JStarMismatch(f"J* table {path} not found") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise JStarMismatch(f"{path}: not an edm-opt J* table ({type(e).__name__}: {e})") from None
+        if version != FORMAT_VERSION:
+            raise JStarMismatch(f"{path}: J* table format {version}, this edm-opt reads {FORMAT_VERSION}")
+        table.check_compatible(fingerprint, class_conditional, sigmas, source=str(path))
+        return table
+
+    def format(self) -> str:
+        """A printable table: sigma, J*, standard error, and the ratio to the data variance."""
+        lines = [f"{'sigma':>9}  {'J*/dim':>12}  {'stderr':>10}  {'J*/var':>8}"]
+        var = self.meta.get("data_variance")
+        for s, v, e in zip(self.sigmas, self.values, self.stderr):
+            ratio = f"{v / var:8.4f}" if var else ""
+            lines.append(f"{sigma_key(s):>9}  {v:12.6g}  {e:10.3g}  {ratio}")
+        lines.append(f"sigma* = {sigma_key(self.sigma_star)}   reference total = {self.ref_total():.6g}")
+        return "\n".join(lines)
+
+
+def _grid_str(s) -> str:
+    return f"{sigma_key(s[0])}:{sigma_key(s[-1])}:{len(s)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimation
+
+
+def estimate_optimal_loss(data: torch.Tensor, sigmas, estimator: str = "full", num_samples: int | None = None,
+                          subset_size: int | None = None, correction: float | None = None,
+                          labels: torch.Tensor | None = None, seed: int = 0, device=None,
+                          progress: bool = False) -> OptimalLossTable:
+    """Estimate J*_sigma (per dimension) of the training set `data` at each VE noise level in `sigmas`.
+
+    data: float tensor [N, ...] in the model's coordinates (flattened to D dimensions).
+    estimator (method.md section 3): each of M queries x~ = x_src + sigma eps has a uniformly drawn source.
+      - "full": softmax over all N points; averages the per-query conditional variance
+        sum_n w_n ||x_n||^2 - ||sum_n w_n x_n||^2 (non-negative, lowest variance). The reference.
+      - "snis": softmax over a random subset of L points without the source.
+      - "dol": the source plus L-1 random points; biased low (the source dominates).
+      - "cdol": as DOL, with the source's kernel weight divided by C. C = 1 is DOL; C -> inf is SNIS on L-1
+        points. The subset estimators average the paired form ||x_src||^2 - ||E_hat[x0|x~]||^2.
+      Subsets are shared by the QUERY_BLOCK queries of a block (each adds its own source), which turns the
+      work into two GEMMs per block. With subset_size >= N they are the full estimator, exactly.
+    The bias/variance trade-off of C, measured on digits (N = 1797, D = 64, M = 2N, L = 256) by the tests:
+      at sigma = 0.6..1 the means order DOL < cDOL(C = 4N/L = 28) < SNIS, the full value lying between DOL
+      and SNIS; DOL's bias is strongly negative (about -40% at sigma = 1), cDOL's much smaller, and SNIS is
+      biased high at these sigmas while its per-query spread is the largest. Raising C moves the bias from
+      negative towards positive and raises the variance; the best C depends on sigma. With L = N/2, cDOL is
+      within 10% of the full estimate for sigma >= 1.
+    Defaults: M = min(2N, 100000) queries per sigma, L = min(N, 4096), C = 4N/L (the paper's choice for
+      L << N). `labels`: class-conditional J* (the posterior runs over the source's class; each class gets
+      M N_c / N queries, L capped at N_c, default C = 4 N_c / L_c).
+    Returns an OptimalLossTable; `meta` holds the parameters, N, D, data variance and wall time (the
+    caller adds the dataset spec and fingerprint, see `estimate_for_dataset`).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if sigmas.ndim != 1 or sigmas.size == 0 or np.any(sigmas <= 0):
+        raise ValueError("sigmas must be a non-empty 1-D array of positive noise levels")
+    x = data.reshape(data.shape[0], -1).float().cpu()
+    n_total, dim = x.shape
+    if n_total < 2:
+        raise ValueError("the optimal loss needs at least two data points")
+    device = torch.device(device or "cpu")
+    num_samples = num_samples or min(2 * n_total, 100_000)
+    subset_size = subset_size or min(n_total, 4096)
+    if subset_size < 2 and estimator != "full":
+        raise ValueError("subset_size must be at least 2")
+
+    if labels is None:
+        groups = [torch.arange(n_total)]
+    else:
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        if labels.shape[0] != n_total:
+            raise ValueError(f"{labels.shape[0]} labels for {n_total} data points")
+        groups = [torch.nonzero(labels == c).reshape(-1) for c in torch.unique(labels).tolist()]
+
+    plans = []
+    for idx in groups:
+        n = idx.numel()
+        m = max(1, round(num_samples * n / n_total))
+        size = min(subset_size, n)
+        corr = correction if correction is not None else 4 * n / size
+        plans.append((idx, m, size, corr))
+    total_blocks = len(sigmas) * sum(math.ceil(m / QUERY_BLOCK) for _, m, _, _ in plans)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_blocks, desc=f"J* ({estimator})", unit="block", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    means, stderrs = np.zeros(len(sigmas)), np.zeros(len(sigmas))
+    points = [_Points(x[idx], device) for idx, *_ in plans]
+    for k, sigma in enumerate(sigmas):
+        mean_k, var_k = 0.0, 0.0
+        for g, ((idx, m, size, corr), pts) in enumerate(zip(plans, points)):
+            p = idx.numel() / n_total
+            if idx.numel() == 1:  # one point: the posterior is that point, J* = 0
+                bar.update(math.ceil(m / QUERY_BLOCK))
+                continue
+            est = "full" if (estimator == "full" or size >= idx.numel()) else estimator
+            v = _per_query_values(pts, float(sigma), m, est, size, corr, (seed, k, g), bar) / dim
+            mean_k += p * v.mean().item()
+            var_k += p * p * (v.var(unbiased=True).item() if v.numel() > 1 else 0.0) / v.numel()
+        means[k], stderrs[k] = mean_k, math.sqrt(var_k)
+    bar.close()
+
+    xd = x.double()
+    meta = {
+        "estimator": estimator,
+        "params": {"num_samples": num_samples, "subset_size": None if estimator == "full" else subset_size,
+                   "correction": _correction_meta(estimator, correction, n_total, subset_size), "seed": seed},
+        "class_conditional": labels is not None,
+        "num_images": n_total,
+        "dim": dim,
+        "data_variance": float(xd.var(0, unbiased=False).mean()),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "device": str(device),
+        "edm_opt_version": __version__,
+    }
+    return OptimalLossTable(sigmas, means, stderrs, meta)
+
+
+def _correction_meta(estimator, correction, n, size):
+    if estimator in ("full", "snis"):
+        return None
+    if estimator == "dol":
+        return 1.0
+    return correction if correction is not None else 4 * n / min(size, n)
+
+
+class _Points:
+    """One group of data points (all, or one class) prepared for the GEMMs."""
+
+    def __init__(self, x: torch.Tensor, device: torch.device):
+        self.mean = x.double().mean(0)  # float64 [D]
+        xc = (x.double() - self.mean).float()  # centred (the posterior is shift-invariant), float32
+        half_sq = -0.5 * (xc.double() ** 2).sum(1)  # exact for the float32 coordinates actually used
+        hi = half_sq.float()
+        lo = (half_sq - hi.double()).float()  # hi + lo carries -||x||^2/2 to ~1e-14: a one-hot posterior cancels exactly
+        # P = [x, -||x||^2/2 (hi), 1, -||x||^2/2 (lo)]: logits and softmax moments are both GEMMs against P.
+        self.p = torch.cat([xc, hi[:, None], torch.ones_like(hi)[:, None], lo[:, None]], 1).to(device)
+        xo = xc.double() + self.mean
+        self.sq_orig = (xo * xo).sum(1)  # ||x_n||^2 in the data's coordinates (paired form), float64
+        self.n, self.dim = x.shape
+        self.device = device
+
+
+def _block_rng(seed_key: tuple, block: int) -> torch.Generator:
+    digest = hashlib.sha256(repr(seed_key + (block,)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
+def _per_query_values(pts: _Points, sigma: float, m: int, estimator: str, size: int, corr: float,
+                      seed_key: tuple, bar) -> torch.Tensor:
+    """Per-query values (totals over D, float64 on CPU) for M queries at one sigma."""
+    cuda = pts.device.type == "cuda"
+    batch_blocks = 16 if cuda else 2  # query blocks per GEMM batch of the full estimator
+    out, pending = [], []
+    num_blocks = math.ceil(m / QUERY_BLOCK)
+    for b in range(num_blocks):
+        gen = _block_rng(seed_key, b)
+        n_q = min(QUERY_BLOCK, m - b * QUERY_BLOCK)
+        src = torch.randint(pts.n, (n_q,), generator=gen)
+        eps = torch.randn(n_q, pts.dim, generator=gen)
+        if estimator == "full":
+            pending.append((src, eps))
+            if len(pending) == batch_blocks or b == num_blocks - 1:
+                src_all = torch.cat([s for s, _ in pending])
+                eps_all = torch.cat([e for _, e in pending])
+                out.append(_full_block(pts, sigma, src_all, eps_all, cuda))
+                bar.update(len(pending))
+                pending = []
+        else:
+            subset = torch.randperm(pts.n, generator=gen)[: size if estimator == "snis" else size - 1]
+            out.append(_subset_block(pts, sigma, src, eps, subset, estimator, corr))
+            bar.update(1)
+    return torch.cat(out)
+
+
+def _queries(pts: _Points, sigma: float, src: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """lhs = [x~ / sigma^2, 1 / sigma^2, 0, 0] with x~ = x_src + sigma eps (centred coordinates), float32."""
+    inv = 1.0 / sigma ** 2
+    q = pts.p[src.to(pts.device), : pts.dim] + sigma * eps.to(pts.device)
+    lhs = torch.zeros(q.shape[0], pts.p.shape[1], device=pts.device)
+    torch.mul(q, inv, out=lhs[:, : pts.dim])
+    lhs[:, pts.dim] = inv
+    return lhs
+
+
+def _full_block(pts: _Points, sigma: float, src, eps, cuda: bool) -> torch.Tensor:
+    """Per-query posterior variance tr Cov[x0 | x~] over all N points (streamed, running max)."""
+    lhs = _queries(pts, sigma, src, eps)
+    chunk = 32768 if cuda else 4096
+    row_max = torch.full((lhs.shape[0],), -math.inf, device=pts.device)
+    acc = torch.zeros(lhs.shape[0], pts.p.shape[1], dtype=torch.float64, device=pts.device)
+    for j in range(0, pts.n, chunk):
+        p = pts.p[j: j + chunk]
+        g = lhs @ p.T  # logits up to a per-query constant: (q.x - ||x||^2/2) / sigma^2
+        new_max = torch.maximum(row_max, g.amax(1))
+        w = g.sub_(new_max[:, None]).exp_()
+        acc.mul_(torch.exp(row_max - new_max).double()[:, None]).add_((w @ p).double())
+        row_max = new_max
+    s0 = acc[:, pts.dim + 1]
+    mean = acc[:, : pts.dim] / s0[:, None]
+    second = -2 * (acc[:, pts.dim] + acc[:, pts.dim + 2]) / s0  # sum_n w_n ||x_n||^2 (centred), hi + lo
+    return (second - (mean * mean).sum(1)).clamp_min(0).cpu()
+
+
+def _subset_block(pts: _Points, sigma: float, src, eps, subset, estimator: str, corr: float) -> torch.Tensor:
+    """Paired-form values ||x_src||^2 - ||E_hat||^2 for one block sharing the random subset."""
+    dev = pts.device
+    lhs = _queries(pts, sigma, src, eps)
+    src_d, subset_d = src.to(dev), subset.to(dev)
+    p_r = pts.p[subset_d]
+    g = lhs @ p_r.T
+    g.masked_fill_(subset_d[None, :] == src_d[:, None], -math.inf)  # the source enters only as itself
+    row_max = g.amax(1).double()
+    if estimator in ("dol", "cdol"):
+        # the source's logit, exactly: (x~.x_src - ||x_src||^2/2) / sigma^2, minus ln C (cDOL)
+        p_src = pts.p[src_d].double()
+        g_src = (lhs.double() * p_src).sum(1) - math.log(corr if estimator == "cdol" else 1.0)
+        row_max = torch.maximum(row_max, g_src)
+    w = torch.exp(g - row_max[:, None].float())
+    acc = (w @ p_r).double()
+    if estimator in ("dol", "cdol"):
+        acc += torch.exp(g_src - row_max)[:, None] * p_src
+    e_hat = acc[:, : pts.dim] / acc[:, pts.dim + 1:pts.dim + 2] + pts.mean.to(dev)  # back to the data's coordinates
+    return (pts.sq_orig.to(dev)[src_d] - (e_hat * e_hat).sum(1)).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets, the cache, and resolution of `--jstar PATH|auto`
+
+
+def cache_dir() -> Path:
+    """`$EDM_OPT_CACHE` (default `~/.cache/edm-opt`)."""
+    return Path(os.environ.get("EDM_OPT_CACHE") or Path.home() / ".cache" / "edm-opt")
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
+                         num_samples: int | None = None, subset_size: int | None = None,
+                         correction: float | None = None, seed: int = 0, device=None, progress: bool = False,
+                         use_cache: bool = True) -> tuple[OptimalLossTable, Path | None]:
+    """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`.
+
+    The cache key is the dataset fingerprint plus a hash of every parameter that changes the numbers.
+    """
+    if class_conditional and dataset.labels is None:
+        raise JStarMismatch(f"{dataset.spec.source}: class-conditional J* needs labels, and this dataset has none")
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    params = {"estimator": estimator, "sigmas": [float(s) for s in sigmas], "num_samples": num_samples,
+              "subset_size": subset_size, "correction": correction, "seed": seed,
+              "class_conditional": class_conditional, "format": FORMAT_VERSION}
+    path = cache_dir() / "jstar" / f"{dataset.fingerprint}-{_params_hash(params)}.json"
+    if use_cache and path.exists():
+        try:
+            return OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas), path
+        except JStarMismatch:
+            pass  # a stale or damaged cache entry is recomputed below
+    table = estimate_optimal_loss(dataset.to_float(), sigmas, estimator, num_samples, subset_size, correction,
+                                  dataset.labels if class_conditional else None, seed, device, progress)
+    table.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
+                             "preprocessing": dataset.preprocessing}
+    if use_cache:
+        table.save(path)
+        return table, path
+    return table, None
+
+
+def resolve_jstar(spec: str, dataset, sigmas, class_conditional: bool, device=None,
+                  progress: bool = True) -> tuple[OptimalLossTable, Path]:
+    """`--jstar PATH|auto`: load and check a table, or estimate with cDOL defaults into the cache."""
+    if spec and spec != "auto":
+        return OptimalLossTable.load(spec, dataset.fingerprint, class_conditional, sigmas), Path(spec)
+    table, path = estimate_for_dataset(dataset, sigmas, "cdol", class_conditional, device=device, progress=progress)
+    return table, path

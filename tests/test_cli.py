@@ -1,0 +1,52 @@
+"""The `edm-opt` console script end to end, in real subprocesses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EDM_OPT = [str(Path(sys.executable).with_name("edm-opt"))]
+
+
+def run(args, cwd, check=True):
+    p = subprocess.run(EDM_OPT + args, cwd=cwd, capture_output=True, text=True)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_estimate_end_to_end_on_digits(tmp_path):
+    args = ["estimate", "--data", "digits", "--sigmas", "0.002:80:8", "--num-samples", "600",
+            "--out", "t.json", "--plot", "t.png"]
+    p = run(args, tmp_path)
+    assert "sigma* =" in p.stdout and "80" in p.stdout
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["estimator"] == "cdol" and len(t["jstar"]) == 8 and t["jstar"][0] < 1e-9
+    assert np.isclose(t["jstar"][-1], 0.293, rtol=0.02)
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    again = run(args, tmp_path)
+    assert "cached at" in again.stderr and again.stdout == p.stdout
+
+
+def test_data_info_and_convert(tmp_path):
+    p = run(["data", "info", "digits", "--json"], tmp_path)
+    info = json.loads(p.stdout)
+    assert info["count"] == 1797 and info["shape"] == [1, 8, 8] and info["num_classes"] == 10
+    run(["data", "convert", "digits", "--out", "d.zip"], tmp_path)
+    back = json.loads(run(["data", "info", str(tmp_path / "d.zip"), "--json"], tmp_path).stdout)
+    assert back["fingerprint"] == info["fingerprint"]  # same pixels, labels and preprocessing: same data
+    run(["data", "convert", "digits", "--out", "p.zip", "--resolution", "12"], tmp_path)
+    padded = json.loads(run(["data", "info", str(tmp_path / "p.zip"), "--json"], tmp_path).stdout)
+    assert padded["shape"] == [1, 12, 12] and padded["count"] == 1797
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    p = run(["estimate", "--data", str(tmp_path / "nope")], tmp_path, check=False)
+    assert p.returncode == 1 and "nope" in p.stderr and "Traceback" not in p.stderr
+    np.savez(tmp_path / "x.npz", images=np.zeros((4, 4, 4), np.uint8))
+    p = run(["estimate", "--data", "x.npz", "--class-conditional", "--out", "t.json"], tmp_path, check=False)
+    assert p.returncode == 1 and "needs labels" in p.stderr and not (tmp_path / "t.json").exists()
+    p = run(["estimate", "--data", "digits", "--sigmas", "2,1"], tmp_path, check=False)
+    assert p.returncode == 2 and "--sigmas" in p.stderr
