@@ -1,0 +1,144 @@
+"""The EDM2 sampler (architectures.md Part 3) and the batched image generator."""
+
+import pytest
+import torch
+
+from edm_opt.networks import build_network
+from edm_opt.sampling import PerSampleGenerator, euler_sample, generate, heun_sample, time_steps
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These networks are tiny: one thread is as fast, and immune to a busy second core (OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+S = 0.5  # data standard deviation of the Gaussian test data N(0, S^2 I)
+
+
+def gaussian_denoiser(x, sigma, class_labels=None):
+    """Exact denoiser of N(0, S^2 I): D(x; sigma) = x S^2 / (S^2 + sigma^2)."""
+    return x * (S ** 2 / (S ** 2 + sigma ** 2))
+
+
+def step_factors(t, heun):
+    """Per-step factors x_{i+1} = a_i x_i of the sampler applied to the Gaussian denoiser, in float64."""
+    t = t.double().tolist()
+    slope = lambda s: s / (S ** 2 + s ** 2)  # d / x = (x - D) / (sigma x)
+    factors = []
+    for i, (tc, tn) in enumerate(zip(t[:-1], t[1:])):
+        a = 1 + (tn - tc) * slope(tc)
+        if heun and i < len(t) - 2:
+            a = 1 + (tn - tc) * (0.5 * slope(tc) + 0.5 * a * slope(tn))
+        factors.append(a)
+    return factors
+
+
+def test_time_steps_are_float32_in_the_official_order():
+    t = time_steps(32, 0.002, 80, 7)
+    assert t.dtype == torch.float32 and t.shape == (33,) and t[-1] == 0
+    assert t[0].item() == 79.99998474121094  # not exactly 80
+    assert t[31].item() == 0.0019999996293336153
+    assert torch.all(t[1:] < t[:-1])
+    with pytest.raises(ValueError):
+        time_steps(1)
+
+
+@pytest.mark.parametrize("sampler,heun", [(heun_sample, True), (euler_sample, False)])
+def test_sampler_is_the_product_of_step_factors(sampler, heun):
+    noise = torch.randn(1000)
+    for N in (18, 32, 64):
+        t = time_steps(N)
+        expected = noise.double() * t[0].double()
+        for a in step_factors(t, heun):
+            expected = expected * a
+        assert torch.allclose(sampler(gaussian_denoiser, noise, num_steps=N).double(), expected, rtol=1e-5)
+
+
+def test_network_evaluations():
+    calls = []
+    counting = lambda x, sigma, y: calls.append(float(sigma)) or gaussian_denoiser(x, sigma)
+    heun_sample(counting, torch.randn(4), num_steps=32)
+    assert len(calls) == 63 and calls[0] == time_steps(32)[0].item() and 0 not in calls
+    calls.clear()
+    euler_sample(counting, torch.randn(4), num_steps=32)
+    assert len(calls) == 32
+
+
+def test_many_steps_recover_the_data_variance():
+    noise = torch.randn(30_000, generator=torch.Generator().manual_seed(0))  # below the threading grain
+    var_256 = heun_sample(gaussian_denoiser, noise, num_steps=256).double().var().item()
+    stderr = S ** 2 * (2 / noise.numel()) ** 0.5
+    assert abs(var_256 - S ** 2) < 4 * stderr
+    var_18 = heun_sample(gaussian_denoiser, noise, num_steps=18).double().var().item()
+    assert 0.08 < var_18 / S ** 2 - 1 < 0.14  # 18 steps are ~11% off at S = 0.5, by design
+
+
+CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+
+
+def test_churn_is_per_seed_whatever_the_batch():
+    seeds = list(range(100, 108))
+
+    def run(batch_seeds):
+        rnd = PerSampleGenerator(batch_seeds)
+        return heun_sample(gaussian_denoiser, rnd.randn([3, 4, 4]), num_steps=12, seeds=rnd, **CHURN)
+
+    whole = run(seeds)
+    parts = torch.cat([run(seeds[:3]), run(seeds[3:])])
+    assert torch.equal(whole, parts)
+    rnd = PerSampleGenerator(seeds)
+    noise = rnd.randn([3, 4, 4])
+    assert torch.equal(heun_sample(gaussian_denoiser, noise, num_steps=12, seeds=rnd, **CHURN), whole)
+    assert not torch.allclose(heun_sample(gaussian_denoiser, noise, num_steps=12), whole)  # churn matters
+    with pytest.raises(ValueError, match="seeds for a batch"):
+        heun_sample(gaussian_denoiser, noise, num_steps=12, seeds=seeds[:3], **CHURN)
+
+
+def test_no_draws_without_active_churn():
+    rnd = PerSampleGenerator([1, 2])
+    states = [g.get_state() for g in rnd.generators]
+    global_state = torch.get_rng_state()
+    heun_sample(gaussian_denoiser, torch.randn(2, 1, 2, 2), num_steps=8, seeds=rnd)
+    heun_sample(gaussian_denoiser, torch.randn(2, 1, 2, 2), num_steps=8, seeds=rnd, S_churn=40, S_min=100)
+    global_after = torch.get_rng_state()
+    assert all(torch.equal(s, g.get_state()) for s, g in zip(states, rnd.generators))
+    torch.set_rng_state(global_state)
+    torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)  # the two noise tensors drawn above
+    assert torch.equal(torch.get_rng_state(), global_after)
+
+
+@pytest.fixture(scope="module")
+def conditional_net():
+    torch.manual_seed(0)
+    net = build_network("edm2-nano", img_resolution=8, img_channels=1, label_dim=10)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)  # let the network shape the samples
+    return net
+
+
+def test_generate_is_independent_of_batch_size(conditional_net):
+    seeds = [0, 1, 2, 3, 2 ** 32 + 4]
+    w0 = conditional_net.unet.out_conv.weight.detach().clone()
+    img_a, lab_a = generate(conditional_net, seeds, batch_size=5, num_steps=4)
+    img_b, lab_b = generate(conditional_net, seeds, batch_size=2, num_steps=4)
+    assert img_a.dtype == torch.uint8 and img_a.shape == (5, 1, 8, 8)
+    assert torch.equal(lab_a, lab_b)
+    assert (img_a.int() - img_b.int()).abs().max() <= 1  # equal up to a rounding flip at a .5 boundary
+    g = torch.Generator().manual_seed(4)  # seed mod 2^32; noise first, then the class index
+    g.manual_seed(4)
+    torch.randn([1, 8, 8], generator=g)
+    assert lab_a[4].item() == torch.randint(10, size=[1], generator=g).item()
+    assert conditional_net.training  # mode given back (built in training mode)
+    assert torch.equal(conditional_net.unet.out_conv.weight, w0)  # sampled in eval mode: weights untouched
+
+
+def test_generate_label_options(conditional_net):
+    img, labels = generate(conditional_net, [7, 8], num_steps=2, class_labels=3)
+    assert labels.tolist() == [3, 3]
+    img, labels = generate(conditional_net, [7, 8], num_steps=2, class_labels=None)
+    assert labels is None and img.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError):
+        generate(conditional_net, [7], num_steps=2, class_labels=10)
