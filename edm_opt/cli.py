@@ -14,14 +14,30 @@ DATA_HELP = ("'digits' (built in), a directory of IDX files (e.g. /usr/share/dat
              "a *-ubyte[.gz] file, an EDM .zip or folder of PNGs, a .npz, or the CIFAR-10 python tarball")
 
 
-class _Group(click.Group):
-    """Turns EdmOptError (bad input) into one clear message and exit status 1; bugs keep their traceback."""
+class _Command(click.Command):
+    """Turns EdmOptError (bad input) into one clear message and exit status 1; bugs keep their traceback.
+
+    On each command, so the runner scripts, which invoke a command directly, behave the same.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EdmOptError as e:
             raise click.ClickException(str(e)) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdmOptError as e:
+            raise click.ClickException(str(e)) from None
+
+
+_Group.group_class = _Group
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -102,6 +118,120 @@ def estimate(source, resolution, xflip, estimator, sigmas, class_conditional, nu
         from .plots import plot_jstar
 
         click.echo(f"wrote {plot_jstar({estimator: table}, plot, title=Path(dataset.spec.source).name)}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# edm-opt train (also `torchrun runners/train.py`)
+
+_B = dict(type=bool, default=None)
+TRAIN_OPTIONS = [
+    # data and model
+    (("--data",), dict(help=f"Training data: {DATA_HELP}. [default: digits]")),
+    (("--resolution",), dict(type=int, help="Pad (smaller images) or resize to RxR; part of the data fingerprint.")),
+    (("--xflip/--no-xflip",), dict(default=None, help="Add mirrored copies to the data (J* is estimated on them).")),
+    (("--class-conditional/--unconditional",), dict(default=None,
+     help="Condition on labels; J* is then class-conditional. [default: the preset's; ImageNet presets are conditional]")),
+    (("--preset",), dict(help="Network preset (`edm-opt networks` lists them). [default: edm2-mini]")),
+    (("--precond",), dict(type=click.Choice(["edm", "ve", "vp", "fm"]),
+     help="Preconditioning c_skip/c_out/c_in. [default: fm for the fm schedule or base, else edm]")),
+    (("--dropout",), dict(type=float, help="Dropout probability. [default: the preset's]")),
+    # schedule
+    (("--schedule",), dict(type=click.Choice(["edm", "edm2", "fm", "optimal"]),
+     help="Loss weight and sigma sampling: edm (log-normal, lambda), edm2 (+ learned log-variance), fm (flow "
+          "matching), optimal (a/J* weight, p ~ weighted gap). [default: edm2]")),
+    (("--base-schedule",), dict(type=click.Choice(["edm", "edm2", "fm"]),
+     help="What `optimal` starts from and mixes with. [default: edm2 for EDM2 presets, edm otherwise]")),
+    (("--P-mean", "P_mean"), dict(type=float, help="Mean of ln sigma of the base log-normal. [default: the preset's]")),
+    (("--P-std", "P_std"), dict(type=float, help="Std of ln sigma of the base log-normal. [default: the preset's]")),
+    (("--jstar",), dict(help="J* table (JSON from `edm-opt estimate`), or 'auto': cDOL into the cache. [default: auto]")),
+    (("--sigmas",), dict(help="sigma grid MIN:MAX:COUNT for J*, gaps and the optimal schedule's bins. "
+                              "[default: 0.002:80:32]")),
+    (("--opt-refresh",), dict(type=int, help="optimal: optimiser steps between updates of p. [default: 64]")),
+    (("--opt-decay",), dict(type=float, help="optimal: per-step EMA decay of the per-bin batch loss. [default: 0.99]")),
+    (("--opt-mix",), dict(type=float, help="optimal: share of the base distribution in p. [default: 0.2]")),
+    (("--opt-floor",), dict(type=float, help="optimal: floor added to the weighted gaps, x their mean. [default: 0.01]")),
+    (("--opt-warmup-count",), dict(type=int, help="optimal: samples per bin before p leaves the base. [default: 16]")),
+    (("--opt-warmup-mass",), dict(type=float, help="optimal: bins with base mass above this need them. [default: 0.01]")),
+    (("--opt-jstar-floor",), dict(type=float, help="optimal: J* floor, x the data variance. [default: 1e-6]")),
+    (("--opt-sigma-star",), dict(type=float, help="optimal: sigma* = largest sigma with J* < this x J*_max; "
+                                                  "w_max = 1/J*(sigma*). [default: 1e-3]")),
+    (("--opt-bump/--no-opt-bump",), dict(default=None, help="optimal: Gaussian bump in ln sigma below sigma*.")),
+    (("--opt-bump-height",), dict(type=float, help="optimal: height of the bump. [default: 1]")),
+    (("--importance-correction/--no-importance-correction",), dict(default=None,
+     help="optimal: divide the loss by p/base (ablations only). [default: off]")),
+    # optimisation
+    (("--duration",), dict(help="Training length in images: 5000, 256Ki, 8Mi. [default: 256Ki]")),
+    (("--batch",), dict(type=int, help="Global batch (images per optimiser step). [default: the preset's]")),
+    (("--batch-gpu",), dict(type=int, help="Per-rank micro-batch cap; the rest is gradient accumulation.")),
+    (("--lr",), dict(type=float, help="Reference learning rate alpha_ref. [default: the preset's]")),
+    (("--lr-tref",), dict(type=float, help="Images before the 1/sqrt decay starts (0: none). [default: the preset's]")),
+    (("--lr-warmup",), dict(type=float, help="Warm-up in images, capped at 5%% of the duration. [default: the preset's]")),
+    (("--ema",), dict(help="EMA profiles, the first is used for snapshots and evaluation: power:0.10 (EDM2 "
+                           "sigma_rel), halflife:500000 (images). [default: the preset's]")),
+    (("--seed",), dict(type=int, help="Seed of initialisation, data order, noise. [default: 0]")),
+    (("--precision",), dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision. [default: fp32]")),
+    (("--compile/--no-compile",), dict(default=None, help="torch.compile the network. [default: off]")),
+    (("--device",), dict(help="auto, cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK. [default: auto]")),
+    # measurement
+    (("--status-every",), dict(help="Images between held-out evaluations and status lines. [default: duration/64]")),
+    (("--snapshot-every",), dict(help="Images between kept EMA snapshots. [default: duration/8]")),
+    (("--checkpoint-every",), dict(help="Images between training-state checkpoints. [default: duration/16]")),
+    (("--heldout-per-sigma",), dict(type=int, help="Held-out images per grid sigma. [default: 64]")),
+    (("--fid-every",), dict(help="Images between FID/KID evaluations of snapshots (0: off). [default: 0]")),
+    (("--fid-images",), dict(type=int, help="Generated images per FID/KID evaluation. [default: 256]")),
+    # output
+    (("--outdir",), dict(help="Runs go to OUTDIR/EXPERIMENT/RUN_NAME. [default: runs]")),
+    (("--experiment",), dict(help="MLflow experiment. [default: edm-opt]")),
+    (("--run-name",), dict(help="Run name. [default: PRESET-SCHEDULE-sSEED-HASH, so the same command resumes]")),
+    (("--parent-run-id",), dict(help="MLflow parent run (sweeps set it).")),
+    (("--cell-hash",), dict(hidden=True)),
+]
+
+
+def train_options(f):
+    for decls, kwargs in reversed(TRAIN_OPTIONS):
+        f = click.option(*decls, **kwargs)(f)
+    return f
+
+
+def train_config_from(options: dict, config_file: str | None):
+    """dataclass defaults < YAML file < command line (options that were given)."""
+    from .config import TrainConfig, load_yaml
+
+    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(config_file) if config_file else {}).items()}
+    values.update({k: v for k, v in options.items() if v is not None})
+    return TrainConfig.from_dict(values, source=config_file or "options")
+
+
+@main.command(context_settings={"max_content_width": 110})
+@train_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of options (keys as option names, underscores or dashes); the command line wins.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration and the run directory, then exit.")
+def train(config_file, dry_run, **options):
+    """Train an EDM/EDM2 network and track its per-sigma gap to J* in MLflow.
+
+    \b
+    One process:   python runners/train.py --data digits --preset edm2-mini --schedule optimal
+    Several ranks: torchrun --standalone --nproc_per_node=2 runners/train.py ...
+    Many nodes:    torchrun --nnodes=N --node_rank=I --rdzv_endpoint=HOST:PORT runners/train.py ...
+
+    Re-running the same command resumes the run (only --duration may change). Metrics go to
+    $MLFLOW_TRACKING_URI, or sqlite:///mlflow.db in the current directory.
+    """
+    from .training import resolve_config, train as run_training
+
+    cfg = train_config_from(options, config_file)
+    if dry_run:
+        import yaml
+
+        r = resolve_config(cfg)
+        click.echo(yaml.safe_dump({"run_dir": str(Path(r.outdir) / r.experiment / r.run_name), **r.to_dict()},
+                                  sort_keys=False).rstrip())
+        return
+    result = run_training(cfg, echo=lambda line: click.echo(line, err=False))
+    if result.get("status") == "stopped":
+        sys.exit(130)
 
 
 # --------------------------------------------------------------------------------------------------

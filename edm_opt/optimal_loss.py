@@ -383,21 +383,26 @@ def _params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def jstar_cache_path(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
+                     num_samples: int | None = None, subset_size: int | None = None,
+                     correction: float | None = None, seed: int = 0) -> Path:
+    """`$EDM_OPT_CACHE/jstar/<fingerprint>-<hash of every parameter that changes the numbers>.json`."""
+    params = {"estimator": estimator, "sigmas": [float(s) for s in np.asarray(sigmas, dtype=np.float64)],
+              "num_samples": num_samples, "subset_size": subset_size, "correction": correction, "seed": seed,
+              "class_conditional": class_conditional, "format": FORMAT_VERSION}
+    return cache_dir() / "jstar" / f"{dataset.fingerprint}-{_params_hash(params)}.json"
+
+
 def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
                          num_samples: int | None = None, subset_size: int | None = None,
                          correction: float | None = None, seed: int = 0, device=None, progress: bool = False,
                          use_cache: bool = True) -> tuple[OptimalLossTable, Path | None]:
-    """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`.
-
-    The cache key is the dataset fingerprint plus a hash of every parameter that changes the numbers.
-    """
+    """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`."""
     if class_conditional and dataset.labels is None:
         raise JStarMismatch(f"{dataset.spec.source}: class-conditional J* needs labels, and this dataset has none")
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    params = {"estimator": estimator, "sigmas": [float(s) for s in sigmas], "num_samples": num_samples,
-              "subset_size": subset_size, "correction": correction, "seed": seed,
-              "class_conditional": class_conditional, "format": FORMAT_VERSION}
-    path = cache_dir() / "jstar" / f"{dataset.fingerprint}-{_params_hash(params)}.json"
+    path = jstar_cache_path(dataset, sigmas, estimator, class_conditional, num_samples, subset_size, correction,
+                            seed)
     if use_cache and path.exists():
         try:
             return OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas), path
@@ -413,10 +418,20 @@ def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditi
     return table, None
 
 
-def resolve_jstar(spec: str, dataset, sigmas, class_conditional: bool, device=None,
-                  progress: bool = True) -> tuple[OptimalLossTable, Path]:
-    """`--jstar PATH|auto`: load and check a table, or estimate with cDOL defaults into the cache."""
+def resolve_jstar(spec: str, dataset, sigmas, class_conditional: bool, device=None, progress: bool = True,
+                  wait: bool = False, timeout_s: float = 6 * 3600) -> tuple[OptimalLossTable, Path]:
+    """`--jstar PATH|auto`: load and check a table, or estimate with cDOL defaults into the cache.
+
+    `wait` (ranks other than 0 before the process group exists): wait for rank 0 to write the cached table.
+    """
     if spec and spec != "auto":
         return OptimalLossTable.load(spec, dataset.fingerprint, class_conditional, sigmas), Path(spec)
-    table, path = estimate_for_dataset(dataset, sigmas, "cdol", class_conditional, device=device, progress=progress)
-    return table, path
+    if wait:
+        path = jstar_cache_path(dataset, sigmas, "cdol", class_conditional)
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise JStarMismatch(f"timed out waiting for rank 0 to write {path}")
+            time.sleep(1.0)
+        return OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas), path
+    return estimate_for_dataset(dataset, sigmas, "cdol", class_conditional, device=device, progress=progress)

@@ -63,3 +63,54 @@ def plot_jstar(tables: dict, path: str | os.PathLike, title: str | None = None) 
         ax2.grid(True, which="both", alpha=0.3)
         ax2.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_gap(history: dict, path: str | os.PathLike, title: str | None = None, max_curves: int = 6) -> Path:
+    """A run's held-out x0 loss against J* (latest evaluation) and its gap over training (per_sigma.json)."""
+    sigmas = np.asarray(history["sigmas"])
+    jstar = np.asarray(history["jstar"])
+    nimg = history["nimg"]
+    loss = np.asarray(history["loss_x0"])
+    stderr = np.asarray(history["stderr"])
+    fig, (ax, ax2) = figure(1, 2, figsize=(11, 4.2))
+    floor = 1e-7
+    ax.loglog(sigmas, np.maximum(jstar, floor), "k--", lw=1.2, label="J* (optimal)")
+    ax.errorbar(sigmas, np.maximum(loss[-1], floor), yerr=2 * stderr[-1], marker=".", capsize=2,
+                label=f"held-out, EMA ({nimg[-1]:,} img)")
+    if history.get("loss_x0_raw"):
+        ax.loglog(sigmas, np.maximum(np.asarray(history["loss_x0_raw"][-1]), floor), ":", label="held-out, raw")
+    ax.set(xlabel="sigma (VE)", ylabel="x0 MSE per dimension", title=title or "loss against the optimum")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    import matplotlib
+
+    picks = np.unique(np.linspace(0, len(nimg) - 1, min(max_curves, len(nimg))).round().astype(int))
+    cmap = matplotlib.colormaps["viridis"]
+    for k, i in enumerate(picks):
+        ax2.loglog(sigmas, np.maximum(loss[i] - jstar, floor), color=cmap(k / max(len(picks) - 1, 1)),
+                   label=f"{nimg[i]:,} img")
+    ax2.set(xlabel="sigma (VE)", ylabel="gap J_sigma(theta) - J*_sigma", title="gap over training")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_image_grid(images, path: str | os.PathLike, columns: int | None = None) -> Path:
+    """uint8 N x C x H x W images (C = 1 or 3) tiled into one PNG, written atomically."""
+    from PIL import Image
+
+    x = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
+    n, c, h, w = x.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = x[i].transpose(1, 2, 0)
+    im = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if h < 32:  # small images: scale up with nearest neighbour so the grid is readable
+        im = im.resize((im.width * (64 // h), im.height * (64 // h)), Image.NEAREST)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="png")
+    return path

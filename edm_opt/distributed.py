@@ -1,0 +1,89 @@
+"""Process group from torchrun's environment: gloo on CPU, NCCL on CUDA; plain `python` is world size 1."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+
+def read_env(device: str = "auto") -> DistEnv:
+    """Rank, local rank and world size from torchrun's variables (1 process without them), and the device."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return DistEnv(rank, local_rank, world, dev)
+
+
+def init(env: DistEnv, timeout_s: int = 1800) -> None:
+    """Start the process group (NCCL on CUDA, gloo on CPU) when torchrun launched several processes."""
+    if env.world_size <= 1 or dist.is_initialized():
+        return
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> None:
+    """In-place sum over ranks of a CPU tensor (moved through the device for NCCL)."""
+    if not env.active:
+        return
+    if env.device.type == "cuda":
+        d = t.to(env.device)
+        dist.all_reduce(d)
+        t.copy_(d.cpu())
+    else:
+        dist.all_reduce(t)
+
+
+def broadcast_object(env: DistEnv, obj):
+    """rank 0's object on every rank."""
+    if not env.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(env: DistEnv, obj) -> list:
+    """Every rank's object, on every rank (a list ordered by rank)."""
+    if not env.active:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.active:
+        dist.barrier()

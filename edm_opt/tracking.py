@@ -1,0 +1,291 @@
+"""MLflow, and only here: run lifecycle, the naming contract, buffered background logging, and reading.
+
+Writing (rank 0 of a training run, evaluate, diagnose, sweeps): `RunLogger` owns one MLflow run. Metrics,
+tags and artifacts go into a queue that a background thread sends in batches; if the tracking server is
+unreachable, training goes on, the thread retries with exponential backoff and says so on stderr, and
+nothing is lost: what is still queued at a checkpoint is saved in it, and what is queued when the run ends
+while the server is down is written to `pending-metrics.json` in the run directory and sent on the next
+start.
+
+Store: `MLFLOW_TRACKING_URI` if set (e.g. a team server), else `sqlite:///<cwd>/mlflow.db`; artifacts of
+experiments created on a SQLite store go to `<db folder>/mlartifacts/<experiment>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from . import EdmOptError, __version__
+
+# Our thread retries with backoff; MLflow's own retries (7, backoff 2: minutes) would block a flush.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
+PENDING_FILE = "pending-metrics.json"
+
+
+class TrackingError(EdmOptError, RuntimeError):
+    """The tracking store could not be used at all (e.g. unreachable when a run must be created)."""
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    """The edm-opt source's git commit, or 'unknown' (e.g. installed from a wheel)."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def get_or_create_experiment(client, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        location = str(db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name))
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunLogger:
+    """One MLflow run, written from a background thread in batches; never raises into training."""
+
+    def __init__(self, uri: str, run_id: str, pending_path: Path | None = None, skip_until_step: int = -1,
+                 flush_interval: float = 2.0, verbose: bool = True):
+        self.uri, self.run_id = uri, run_id
+        self.pending_path = pending_path
+        self.skip_until_step = skip_until_step  # after a resume: steps already in the store are not sent again
+        self.flush_interval = flush_interval
+        self.verbose = verbose
+        self._client = _client(uri)
+        self._ops: deque = deque()  # ("metric", key, value, ts, step) | ("tags", dict) | ("artifact", path, dir)
+        self._cv = threading.Condition()
+        self._stop = False
+        self._down_since: float | None = None
+        self._sent = 0
+        self._thread = threading.Thread(target=self._worker, name="edm-opt-mlflow", daemon=True)
+        self._thread.start()
+        if pending_path is not None and pending_path.exists():
+            self.restore_pending(json.loads(pending_path.read_text()))
+            pending_path.unlink()
+
+    # creation ------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, tags: dict, parent_run_id: str | None = None,
+               **kwargs) -> "RunLogger":
+        """Start a new run (synchronously: without a store there is no run to train into)."""
+        try:
+            client = _client(uri)
+            exp_id = get_or_create_experiment(client, uri, experiment)
+            tags = {**tags, "edm_opt.version": __version__}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        except Exception as e:
+            raise TrackingError(f"cannot create an MLflow run at {uri} ({type(e).__name__}: {e})") from None
+        return cls(uri, run.info.run_id, **kwargs)
+
+    @classmethod
+    def resume(cls, uri: str, run_id: str, **kwargs) -> "RunLogger":
+        """Continue an existing run; steps at or below its last logged `loss/train` step are not re-sent."""
+        try:
+            client = _client(uri)
+            history = client.get_metric_history(run_id, "loss/train")
+            client.update_run(run_id, status="RUNNING")
+        except Exception as e:
+            raise TrackingError(f"cannot resume MLflow run {run_id} at {uri} ({type(e).__name__}: {e})") from None
+        last = max((m.step for m in history), default=-1)
+        return cls(uri, run_id, skip_until_step=last, **kwargs)
+
+    # writing --------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if step <= self.skip_until_step:
+            return
+        ts = int(time.time() * 1000)
+        items = [("metric", k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None
+                 and math.isfinite(float(v))]
+        with self._cv:
+            self._ops.extend(items)
+            self._cv.notify()
+
+    def log_params(self, params: dict) -> None:
+        """Params are written synchronously, once (MLflow refuses changed values)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        with self._cv:
+            self._ops.append(("tags", {k: str(v) for k, v in tags.items()}))
+            self._cv.notify()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Queue a file; it is read when sent, so write a fresh file (atomically) rather than edit one."""
+        with self._cv:
+            self._ops.append(("artifact", str(path), artifact_path))
+            self._cv.notify()
+
+    def pending(self) -> list:
+        """Metrics not yet sent, as primitive lists (what a checkpoint stores)."""
+        with self._cv:
+            return [list(op[1:]) for op in self._ops if op[0] == "metric"]
+
+    def restore_pending(self, items: list) -> None:
+        with self._cv:
+            for key, value, ts, step in items:
+                if step > self.skip_until_step:
+                    self._ops.append(("metric", key, value, ts, step))
+            self._cv.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued is sent (True) or `timeout` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._cv.notify()
+            while self._ops:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(timeout=0.2 if left is None else min(0.2, left))
+        return True
+
+    def finish(self, status: str = "FINISHED", timeout: float = 300.0) -> bool:
+        """Send what is queued, mark the run `status`, stop the thread. If the store stays unreachable for
+        `timeout` seconds, the queued metrics go to `pending-metrics.json` (sent at the next start)."""
+        ok = self.flush(timeout)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        if ok:
+            try:
+                self._client.set_terminated(self.run_id, status)
+                return True
+            except Exception as e:
+                self._say(f"could not mark the run {status} ({type(e).__name__}: {e})")
+        left = self.pending()
+        if left and self.pending_path is not None:
+            from .fileio import write_json
+
+            write_json(self.pending_path, left, indent=None)
+            self._say(f"tracking store unreachable: {len(left)} metrics saved to {self.pending_path}; "
+                      f"re-run the same command to send them")
+        return False
+
+    # the thread -----------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[edm-opt tracking] {msg}", file=sys.stderr, flush=True)
+
+    def _take(self) -> list:
+        with self._cv:
+            if not self._ops:
+                return []
+            first = self._ops[0]
+            if first[0] != "metric":
+                return [first]
+            batch = []
+            for op in self._ops:
+                if op[0] != "metric" or len(batch) == MAX_BATCH:
+                    break
+                batch.append(op)
+            return batch
+
+    def _send(self, batch: list) -> None:
+        from mlflow.entities import Metric
+
+        kind = batch[0][0]
+        if kind == "metric":
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for _, k, v, ts, s in batch])
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch[0][1].items()])
+        else:
+            self._client.log_artifact(self.run_id, batch[0][1], batch[0][2])
+
+    def _worker(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cv:
+                while not self._ops and not self._stop:
+                    self._cv.wait(timeout=self.flush_interval)
+                if self._stop and (not self._ops or self._down_since is not None):
+                    return
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                self._send(batch)
+            except FileNotFoundError as e:  # an artifact that vanished: drop it, keep going
+                self._say(f"artifact skipped ({e})")
+            except Exception as e:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self._say(f"tracking store unreachable ({type(e).__name__}); training continues, "
+                              f"{len(self._ops)} items buffered, retrying")
+                with self._cv:
+                    if self._stop:
+                        return
+                    self._cv.wait(timeout=backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            with self._cv:
+                for _ in batch:
+                    self._ops.popleft()
+                self._sent += len(batch)
+                self._cv.notify_all()
+            if self._down_since is not None:
+                self._say(f"tracking store reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                          f"sending the buffer ({len(self._ops) + len(batch)} items)")
+                self._down_since = None
+            backoff = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading (reports, diagnose --runs, sweeps)
+
+
+def set_run_status(uri: str, run_id: str, status: str) -> None:
+    """Mark a run FAILED/KILLED/FINISHED (used when a run ends before its logger exists)."""
+    try:
+        _client(uri).set_terminated(run_id, status)
+    except Exception:
+        pass
+
+
+def get_run(uri: str, run_id: str):
+    return _client(uri).get_run(run_id)

@@ -1,0 +1,188 @@
+"""Schedules (method.md sections 4 and 6), the gap tracker, the lr schedule and EMA profiles."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from edm_opt.config import TrainConfig
+from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, LogNormal, bin_index, edm_weight, sigma_grid
+from edm_opt.ema import EMA, parse_profiles, power_gamma
+from edm_opt.optimal_loss import OptimalLossTable
+from edm_opt.schedule import BinLossTracker, OptimalSchedule, clipped_expectation, make_schedule
+from edm_opt.training import lr_at
+
+GRID = sigma_grid()
+
+
+def fake_jstar() -> OptimalLossTable:
+    """A J* shaped like digits': ~0 below sigma ~0.2, rising to the data variance 0.3."""
+    var = 0.3
+    values = var * GRID ** 4 / (GRID ** 4 + 1.0)
+    values[GRID < 0.1] = 0.0
+    return OptimalLossTable(GRID, values, np.zeros_like(values), {"data_variance": var})
+
+
+def feed(schedule, gap_of_bin, steps, n=128, seed=0):
+    """Train-batch losses = J* + gap profile for `steps` optimiser steps, with the schedule's own sampler."""
+    g = torch.Generator().manual_seed(seed)
+    jstar = torch.tensor(schedule.jstar if hasattr(schedule, "jstar") else fake_jstar().values)
+    for step in range(1, steps + 1):
+        sigma = schedule.sample(n, g)
+        b = bin_index(sigma, GRID)
+        schedule.tracker.observe(sigma, (jstar[b] + gap_of_bin[b]).float())
+        schedule.after_step(step, None)
+
+
+def test_optimal_weight_normalisation_and_cap():
+    s = OptimalSchedule(GRID, EDM_DENSITY, fake_jstar())
+    g = torch.Generator().manual_seed(0)
+    draws = EDM_DENSITY.sample(400000, g)
+    base_w = np.minimum(1 / s._interp_jstar(draws.double().numpy()), s.w_max)
+    assert s.a * base_w.mean() == pytest.approx(1.0, rel=0.01)  # E_base[w] = 1 (Monte Carlo check)
+    j = fake_jstar().values
+    assert s.sigma_star == GRID[np.nonzero(j < 1e-3 * j[-1])[0][-1]]
+    w = s.weight(torch.tensor(GRID, dtype=torch.float32)).double().numpy()
+    assert w.max() == pytest.approx(s.a * s.w_max, rel=1e-5)  # capped: dynamic range ~1000
+    assert w[-1] == pytest.approx(s.a / fake_jstar().values[-1], rel=1e-5)
+    assert w.max() / w[-1] == pytest.approx(fake_jstar().values[-1] * s.w_max, rel=1e-5)
+    assert 300 < w.max() / w[-1] < 3000
+
+
+def test_optimal_stays_on_base_during_warmup_then_follows_the_gap():
+    s = OptimalSchedule(GRID, EDM_DENSITY, fake_jstar(), warmup_count=16)
+    # the weight is a/J*, so what matters is the gap relative to J* (capped where J* ~ 0): 0.1% of J*
+    # everywhere, 30% of J* around sigma ~ 1
+    jstar = torch.tensor(s.jstar)
+    gap = 1e-3 * jstar
+    gap[18:21] = 0.3 * jstar[18:21]
+    feed(s, gap, steps=64, n=2)  # 128 samples: far too few for 16 in every bin with 1% base mass
+    assert not s.warm and torch.equal(s.p, s.base)
+    feed(s, gap, steps=64 * 8, n=128, seed=1)
+    assert s.warm
+    assert s.p[18:21].sum() > 0.5 > s.base[18:21].sum()  # concentrated where the gap is
+    assert torch.all(s.p >= 0.2 * s.base - 1e-12)  # mixing keeps at least 20% of the base everywhere
+    assert s.p.sum().item() == pytest.approx(1.0)
+    sig = s.sample(20000, torch.Generator().manual_seed(3))
+    share = (bin_index(sig, GRID) >= 18) & (bin_index(sig, GRID) <= 20)
+    assert share.double().mean().item() == pytest.approx(s.p[18:21].sum().item(), abs=0.02)
+    metrics = s.metrics()
+    assert len(metrics) == 32 and math.isclose(sum(metrics.values()), 1.0, rel_tol=1e-9)
+
+
+def test_importance_correction_undoes_the_sampling_change():
+    s = OptimalSchedule(GRID, EDM_DENSITY, fake_jstar(), importance_correction=True)
+    s.p = torch.linspace(1, 2, 32, dtype=torch.float64)
+    s.p /= s.p.sum()
+    sigma = torch.tensor(GRID, dtype=torch.float32)
+    err = torch.ones(32)
+    np.testing.assert_allclose(s.loss(err, sigma).numpy(), (s.weight(sigma) * s.base / s.p).numpy(), rtol=1e-5)
+
+
+def test_tracker_flush_timing_does_not_change_the_ema():
+    a, b = BinLossTracker(GRID), BinLossTracker(GRID)
+    g = torch.Generator().manual_seed(0)
+    for step in range(50):
+        sigma = EDM_DENSITY.sample(64, g)
+        loss = torch.rand(64, generator=g)
+        a.observe(sigma, loss)
+        b.observe(sigma, loss)
+        a.flush()
+        if step % 7 == 6:
+            b.flush()
+    b.flush()
+    torch.testing.assert_close(a.ema, b.ema, equal_nan=True)
+    assert a.count.sum() == 50 * 64
+    t = BinLossTracker(GRID, decay=0.5)
+    one = torch.tensor([GRID[3]], dtype=torch.float32)
+    for v in (1.0, 3.0, 5.0):
+        t.observe(one, torch.tensor([v]))
+    t.flush()
+    assert t.ema[3].item() == pytest.approx(0.5 * (0.5 * 1 + 0.5 * 3) + 0.5 * 5)  # first value, then EMA
+
+
+def _rank_worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    s = OptimalSchedule(GRID, EDM_DENSITY, fake_jstar(), refresh=8, warmup_count=2)
+    gap = torch.linspace(0, 0.02, 32, dtype=torch.float64) * (rank + 1)  # each rank sees other losses
+    g = torch.Generator().manual_seed(100 + rank)
+    jstar = torch.tensor(s.jstar)
+
+    def all_reduce(t):
+        dist.all_reduce(t)
+
+    for step in range(1, 65):
+        sigma = s.sample(64, g)
+        b = bin_index(sigma, GRID)
+        s.tracker.observe(sigma, (jstar[b] + gap[b]).float())
+        s.after_step(step, all_reduce)
+    torch.save(s.p, os.path.join(out, f"p{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_same_p_on_every_rank(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    p0, p1 = torch.load(tmp_path / "p0.pt"), torch.load(tmp_path / "p1.pt")
+    assert torch.equal(p0, p1)
+    assert not torch.allclose(p0, OptimalSchedule(GRID, EDM_DENSITY, fake_jstar()).base)  # it moved
+
+
+def test_loss_forms():
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    err = torch.tensor([0.01, 0.1, 0.3])
+    edm = make_schedule("edm", GRID, EDM_DENSITY)
+    torch.testing.assert_close(edm.loss(err, sigma), edm_weight(sigma) * err)
+    fm = make_schedule("fm", GRID, EDM_DENSITY)
+    assert fm.density == FM_DENSITY
+    torch.testing.assert_close(fm.loss(err, sigma), (1 + sigma) ** 2 / sigma ** 2 * err)
+    edm2 = make_schedule("edm2", GRID, LogNormal(-0.8, 1.6))
+    u = torch.zeros(3, requires_grad=True)
+    loss = edm2.loss(err, sigma, u).sum()
+    (grad,) = torch.autograd.grad(loss, u)
+    torch.testing.assert_close(grad, 1 - edm_weight(sigma) * err)  # optimum at exp(u) = lambda x err
+    with pytest.raises(ValueError, match="log-variance"):
+        edm2.loss(err, sigma, None)
+
+
+def test_clipped_expectation_matches_monte_carlo():
+    d = LogNormal(-0.8, 1.6)
+    draws = d.sample(400000, torch.Generator().manual_seed(1)).double().numpy()
+    fn = lambda s: np.log(s) ** 2 + s  # noqa: E731
+    assert clipped_expectation(d, fn) == pytest.approx(fn(draws).mean(), rel=0.01)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=0.01, lr_tref=1000.0, lr_warmup=100.0, duration=10000)
+    assert lr_at(cfg, 50) == pytest.approx(0.005)
+    assert lr_at(cfg, 500) == pytest.approx(0.01)
+    assert lr_at(cfg, 4000) == pytest.approx(0.01 / 2)
+    short = TrainConfig(lr=0.01, lr_tref=None, lr_warmup=1e6, duration=1000)
+    assert lr_at(short, 25) == pytest.approx(0.01 * 25 / 50)  # warm-up capped at 5% of the run
+
+
+def test_ema_profiles():
+    assert power_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2's published pairs
+    assert power_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    assert parse_profiles("power:0.05, halflife:0.5Mi") == [("power", 0.05), ("halflife", 524288.0)]
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(net, "power", 0.10)
+    gamma = ema.gamma
+    for t in range(1, 201):
+        with torch.no_grad():
+            net.weight.fill_(float(t))
+        ema.update(net, t, t * 10, 10)
+    # theta_hat(t) = sum_i w_i theta_i with w_i proportional to the product form of beta: check numerically
+    w = np.zeros(200)
+    for t in range(1, 201):
+        beta = (1 - 1 / t) ** (gamma + 1)
+        w *= beta
+        w[t - 1] = 1 - beta
+    assert ema.net.weight.item() == pytest.approx(float(np.dot(w, np.arange(1, 201))), rel=1e-5)
+    assert w.sum() == pytest.approx(1.0)
+    h = EMA(net, "halflife", 1000.0)
+    assert h.beta(step=10, nimg=10 ** 6, batch=1000) == pytest.approx(0.5)
+    assert h.beta(step=1, nimg=10000, batch=1000) == pytest.approx(0.5 ** 2)  # half-life ramped to 5% of nimg

@@ -1,0 +1,235 @@
+"""Training runs end to end: MLflow contract, resume after SIGKILL, torchrun, server outage, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_opt.diffusion import sigma_grid, sigma_key
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "runners" / "train.py")]
+# tiny and fast: 5 grid sigmas, 8 held-out images each, a 2-level net is not available, so edm2-nano
+TINY = ["--data", "digits", "--preset", "edm2-nano", "--batch", "32", "--sigmas", "0.002:80:5",
+        "--heldout-per-sigma", "8", "--duration", "512", "--status-every", "128", "--snapshot-every", "256",
+        "--checkpoint-every", "128"]
+
+
+def run(args, cwd, env=None, check=True, timeout=600):
+    p = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def client(cwd):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def only_run(cwd, experiment="edm-opt"):
+    c = client(cwd)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return c, runs[0]
+
+
+def steps(c, run_id, key):
+    return [m.step for m in c.get_metric_history(run_id, key)]
+
+
+def run_dir(cwd) -> Path:
+    (d,) = list((cwd / "runs" / "edm-opt").iterdir())
+    return d
+
+
+@pytest.mark.parametrize("schedule", ["edm2", "optimal", "edm", "fm"])
+def test_short_run_logs_the_naming_contract(tmp_path, schedule):
+    run(TRAIN + TINY + ["--schedule", schedule], tmp_path)
+    c, r = only_run(tmp_path)
+    assert r.info.status == "FINISHED"
+    m = r.data.metrics
+    keys = ["loss/train", "loss/ref_total", "jstar/ref_total", "gap/ref_total", "model/param_count",
+            "compute/flops_per_image", "compute/flops_total", "perf/img_per_s", "train/lr"]
+    for s in sigma_grid(0.002, 80, 5):
+        k = sigma_key(s)
+        keys += [f"loss_x0/sigma_{k}", f"loss_x0_raw/sigma_{k}", f"gap/sigma_{k}", f"jstar/sigma_{k}",
+                 f"stderr/sigma_{k}"]
+    keys += [f"loss_x0_batch/sigma_{sigma_key(sigma_grid(0.002, 80, 5)[2])}"]  # a central bin: always sampled
+    if schedule == "optimal":
+        keys += [f"sched/p_sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]
+    missing = [k for k in keys if k not in m]
+    assert not missing, missing
+    assert m["gap/ref_total"] == pytest.approx(m["loss/ref_total"] - m["jstar/ref_total"])
+    assert steps(c, r.info.run_id, "loss/train") == [128, 256, 384, 512]
+    assert m["compute/flops_total"] == pytest.approx(512 * m["compute/flops_per_image"])
+    assert m["model/param_count"] > 1000
+    tags = r.data.tags
+    for t in ("edm_opt.dataset_fingerprint", "edm_opt.jstar_sha256", "edm_opt.git_commit", "edm_opt.schedule",
+              "edm_opt.preset"):
+        assert tags.get(t), t
+    assert tags["edm_opt.schedule"] == schedule and r.data.params["schedule"] == schedule
+    d = run_dir(tmp_path)
+    assert [p.name for p in sorted(d.glob("snapshot-*.pt"))] == ["snapshot-000000256.pt", "snapshot-000000512.pt"]
+    assert len(list(d.glob("checkpoint-*.pt"))) == 2  # rotating: the last two
+    snap = torch.load(d / "snapshot-000000512.pt", weights_only=True)
+    assert snap["nimg"] == 512 and snap["network"]["preset"] == "edm2-nano"
+    hist = json.loads((d / "per_sigma.json").read_text())
+    assert hist["nimg"] == [128, 256, 384, 512] and len(hist["loss_x0"][0]) == 5
+    arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"per_sigma.json", "config.json", "jstar.json", "gap.png", "samples"} <= arts
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    def command(duration):
+        return TRAIN + TINY + ["--schedule", "optimal", "--opt-refresh", "2", "--opt-warmup-count", "1",
+                               "--duration", str(duration), "--checkpoint-every", "256", "--snapshot-every", "1024"]
+
+    args = command(1024)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run(args, straight)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    p = subprocess.Popen(args, cwd=killed, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((killed / "runs").rglob("checkpoint-000000512.pt")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    (d,) = list((killed / "runs" / "edm-opt").iterdir())
+    assert list(d.glob("checkpoint-*.pt")) and not list(d.glob("snapshot-000001024.pt"))
+    c, r0 = only_run(killed)
+    assert r0.info.status == "RUNNING"  # SIGKILL: nothing could mark it
+    out = run(args, killed)
+    assert "resuming" in out.stdout
+    c, r1 = only_run(killed)
+    assert r1.info.run_id == r0.info.run_id and r1.info.status == "FINISHED"
+    for key in ("loss/train", f"loss_x0/sigma_{sigma_key(80)}", "sched/p_sigma_80"):
+        s = steps(c, r1.info.run_id, key)
+        assert s == sorted(set(s)) == list(range(128, 1025, 128)), (key, s)
+    a = torch.load(run_dir(straight) / "snapshot-000001024.pt", weights_only=True)["net"]
+    b = torch.load(d / "snapshot-000001024.pt", weights_only=True)["net"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca, ra = only_run(straight)
+    assert ra.data.metrics["loss/train"] == r1.data.metrics["loss/train"]
+    # the same command again is a no-op; a longer duration continues the same run
+    again = run(args, killed)
+    assert "nothing to do" in again.stdout
+    run(command(1152), killed)
+    c, r2 = only_run(killed)
+    assert r2.info.run_id == r0.info.run_id and steps(c, r2.info.run_id, "loss/train")[-1] == 1152
+
+
+def test_torchrun_two_ranks_logs_once(tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    out = run([torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "runners" / "train.py")] + TINY
+              + ["--schedule", "optimal", "--opt-refresh", "2", "--opt-warmup-count", "1"], tmp_path,
+              env={"OMP_NUM_THREADS": "1"})
+    c, r = only_run(tmp_path)
+    assert r.info.status == "FINISHED"
+    assert steps(c, r.info.run_id, "loss/train") == [128, 256, 384, 512]  # once per step, not twice
+    assert out.stdout.count("run edm2-nano-optimal") == 1
+    assert "2 rank(s)" in out.stdout
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
+    def fails(args, needle):
+        p = run(TRAIN + args, tmp_path, check=False)
+        assert p.returncode != 0 and needle in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+        return p
+
+    fails(["--data", str(tmp_path / "missing")], "missing")
+    fails(["--preset", "edm2-huge"], "edm2-huge")
+    (tmp_path / "bad.yaml").write_text("duration: [1,\n")
+    fails(["--config", str(tmp_path / "bad.yaml")], "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
+    fails(["--config", str(tmp_path / "typo.yaml")], "learning_rate")
+    from edm_opt.data import load_dataset
+    from edm_opt.optimal_loss import estimate_for_dataset
+
+    other, _ = estimate_for_dataset(load_dataset("digits", resolution=12), sigma_grid(0.002, 80, 5), num_samples=256)
+    other.save(tmp_path / "other.json")
+    fails(TINY + ["--jstar", str(tmp_path / "other.json")], "other.json")
+    run(TRAIN + TINY + ["--duration", "128", "--run-name", "r1"], tmp_path)
+    fails(TINY + ["--duration", "256", "--run-name", "r1", "--lr", "0.5"], "'lr'")
+    c = client(tmp_path)
+    runs = c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_loses_no_metric(tmp_path):
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    server_cmd = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                  "--artifacts-destination", str(tmp_path / "server-artifacts")]
+
+    def start():
+        p = subprocess.Popen(server_cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return p
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(p):
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
+
+    server = start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    args = TRAIN + TINY + ["--duration", "2048", "--status-every", "64", "--checkpoint-every", "1024",
+                           "--snapshot-every", "2048"]
+    train = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "runs").rglob("log.txt")):
+            time.sleep(0.2)
+        time.sleep(2)
+        stop(server)  # mid-run: the trainer keeps going and buffers
+        time.sleep(8)
+        assert train.poll() is None, "training must not stop when the tracking server goes away"
+        server = start()
+        out, err = train.communicate(timeout=600)
+        assert train.returncode == 0, err[-3000:]
+        assert "unreachable" in err and "reachable again" in err
+    finally:
+        if train.poll() is None:
+            train.kill()
+        stop(server)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"http://127.0.0.1:{port}")
+    server = start()
+    try:
+        (r,) = c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])
+        assert r.info.status == "FINISHED"
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "loss/train")] == list(range(64, 2049, 64))
+        assert len(c.get_metric_history(r.info.run_id, f"loss_x0/sigma_{sigma_key(80)}")) == 32
+    finally:
+        stop(server)
