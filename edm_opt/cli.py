@@ -278,6 +278,36 @@ def data_convert(source, out, resolution, split):
 
 
 # --------------------------------------------------------------------------------------------------
+# edm-opt networks
+
+
+@main.command()
+@click.option("--resolution", type=int, default=None, help="Count small presets at RxR (default: 32).")
+@click.option("--channels", type=int, default=None, help="Image channels for small presets (default: 1).")
+@click.option("--flops", is_flag=True, help="Also count forward+backward FLOPs per image (meta device, fast).")
+def networks(resolution, channels, flops):
+    """List network presets with their parameter counts (parameters() only, buffers excluded)."""
+    import torch
+
+    from .compute import count_parameters, flops_per_image
+    from .networks import build_network, list_presets
+
+    rows = []
+    for p in list_presets():
+        official = "img_resolution" in p.network
+        R = p.network.get("img_resolution") or resolution or 32
+        C = p.network.get("img_channels") or channels or 1
+        with torch.device("meta"):
+            net = build_network(p.name, img_resolution=None if official else R, img_channels=None if official else C)
+        row = f"{p.name:<18} {count_parameters(net):>15,}  {R:>3}x{R:<3} x{C}  label_dim {net.label_dim:<5}"
+        if flops:
+            f = flops_per_image(net, R, C, net.label_dim, backward=True, device="meta")
+            row += f" {f / 1e9:10.3f} GFLOP/img"
+        rows.append(row + f"  {p.description}")
+    click.echo("\n".join(rows))
+
+
+# --------------------------------------------------------------------------------------------------
 # edm-opt demo
 
 

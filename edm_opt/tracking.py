@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import EdmOptError, __version__
@@ -279,13 +280,108 @@ class RunLogger:
 # Reading (reports, diagnose --runs, sweeps)
 
 
-def set_run_status(uri: str, run_id: str, status: str) -> None:
-    """Mark a run FAILED/KILLED/FINISHED (used when a run ends before its logger exists)."""
+@dataclass
+class RunRecord:
+    """What readers need of one MLflow run: identity, status, params, tags, latest metrics."""
+
+    run_id: str
+    run_name: str
+    status: str
+    params: dict
+    tags: dict
+    metrics: dict
+    start_time: int | None
+    end_time: int | None
+    artifact_uri: str
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.tags),
+                     dict(run.data.metrics), run.info.start_time, run.info.end_time, run.info.artifact_uri)
+
+
+def find_runs(uri: str, experiment: str, parent_run_id: str | None = None, filter_string: str = "") -> list[RunRecord]:
+    """Runs of an experiment (children of `parent_run_id` only, when given), oldest first."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}")
+    filters = [f for f in (filter_string, f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else "") if f]
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], " and ".join(filters), max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [_record(r) for r in runs]
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
     try:
-        _client(uri).set_terminated(run_id, status)
+        return _record(_client(uri).get_run(run_id))
+    except Exception as e:
+        raise TrackingError(f"no MLflow run {run_id} at {uri} ({type(e).__name__})") from None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric, by step."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def load_json_artifact(uri: str, run_id: str, path: str) -> dict | None:
+    """A run's JSON artifact (e.g. per_sigma.json), or None if it has none."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = _client(uri).download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text())
+    except Exception:
+        return None
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict | None = None,
+               parent_run_id: str | None = None) -> str:
+    """A run that a tool fills synchronously (sweep parents, diagnose): its id."""
+    client = _client(uri)
+    exp_id = get_or_create_experiment(client, uri, experiment)
+    tags = {**(tags or {}), "edm_opt.version": __version__}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}).info.run_id
+
+
+def set_run_status(uri: str, run_id: str, status: str) -> None:
+    """Mark a run FAILED/KILLED/FINISHED/RUNNING; never raises (used on the way out)."""
+    try:
+        client = _client(uri)
+        if status == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, status)
     except Exception:
         pass
 
 
-def get_run(uri: str, run_id: str):
-    return _client(uri).get_run(run_id)
+def log_now(uri: str, run_id: str, metrics: dict | None = None, step: int = 0, params: dict | None = None,
+            tags: dict | None = None, artifacts: list | None = None) -> None:
+    """Synchronous logging for short tools (evaluate, diagnose, sweeps, report); raises TrackingError."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(uri)
+    ts = int(time.time() * 1000)
+    try:
+        ms = [Metric(k, float(v), ts, int(step)) for k, v in (metrics or {}).items()]
+        for i in range(0, len(ms), MAX_BATCH):
+            client.log_batch(run_id, metrics=ms[i:i + MAX_BATCH])
+        ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        ts_ = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ps), len(ts_)), 100):
+            client.log_batch(run_id, params=ps[i:i + 100], tags=ts_[i:i + 100])
+        for item in artifacts or []:
+            path, folder = item if isinstance(item, tuple) else (item, None)
+            client.log_artifact(run_id, str(path), folder)
+    except Exception as e:
+        raise TrackingError(f"logging to MLflow run {run_id} at {uri} failed ({type(e).__name__}: {e})") from None

@@ -191,6 +191,15 @@ class Trainer:
         self.stop_signal: int | None = None
         self.logger = None
         self.history: dict = {}
+        self.timers = {"steps": 0.0, "heldout": 0.0, "snapshots": 0.0, "checkpoints": 0.0}
+
+    @contextlib.contextmanager
+    def _timed(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timers[key] += time.perf_counter() - t0
 
     # setup ----------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -403,6 +412,7 @@ class Trainer:
             if flags[0] > 0:
                 self._nonfinite(sig, err, lr)
             train_time += time.perf_counter() - t0
+            self.timers["steps"] += time.perf_counter() - t0
             img_interval += r.batch
             done = self.nimg >= r.duration
             stopping = flags[1] > 0
@@ -413,17 +423,22 @@ class Trainer:
                 loss_acc.zero_()
                 img_interval, train_time = 0, 0.0
             if self._crossed(r.snapshot_every) or done:
-                self._snapshot()
+                with self._timed("snapshots"):
+                    self._snapshot()
             if self._crossed(r.checkpoint_every) or done or stopping:
-                self._checkpoint()
+                with self._timed("checkpoints"):
+                    self._checkpoint()
             if stopping:
                 self.stop_signal = self.stop_signal or signal.SIGTERM
                 if env.is_main:
                     self.echo(f"stopped at {format_nimg(self.nimg)} images; re-run the same command to resume")
                 break
+        total = sum(self.timers.values())
+        if env.is_main and total > 0:
+            self.echo("time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.timers.items()))
         return {"run_dir": str(self.run_dir.path), "nimg": self.nimg,
                 "mlflow_run_id": self.logger.run_id if self.logger else None,
-                "status": "stopped" if self.stop_signal else "finished"}
+                "status": "stopped" if self.stop_signal else "finished", "timers": dict(self.timers)}
 
     def _crossed(self, every: int) -> bool:
         return self.nimg // every > (self.nimg - self.r.batch) // every
@@ -468,8 +483,9 @@ class Trainer:
         r, env = self.r, self.env
         self.schedule.tracker.flush(self._all_reduce if env.active else None)
         kw = dict(rank=env.rank, world_size=env.world_size, all_reduce=self._all_reduce if env.active else None)
-        ema_loss, ema_se = heldout_losses(self.emas[0].net, self.heldout, self.device, **kw)
-        raw_loss, _ = heldout_losses(self.net, self.heldout, self.device, **kw)
+        with self._timed("heldout"):
+            ema_loss, ema_se = heldout_losses(self.emas[0].net, self.heldout, self.device, **kw)
+            raw_loss, _ = heldout_losses(self.net, self.heldout, self.device, **kw)
         if not env.is_main:
             return
         jstar = self.jstar.values
