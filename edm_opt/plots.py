@@ -103,13 +103,15 @@ def save_image_grid(images, path: str | os.PathLike, columns: int | None = None)
     n, c, h, w = x.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
-    canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    scale = max(1, 64 // h)  # small images: scale up with nearest neighbour so the grid is readable
+    x = x.repeat(scale, axis=2).repeat(scale, axis=3)
+    h, w, gap = h * scale, w * scale, 2
+    canvas = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, c), 128, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = x[i].transpose(1, 2, 0)
+        top, left = gap + r * (h + gap), gap + col * (w + gap)
+        canvas[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
     im = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    if h < 32:  # small images: scale up with nearest neighbour so the grid is readable
-        im = im.resize((im.width * (64 // h), im.height * (64 // h)), Image.NEAREST)
     path = Path(path)
     with atomic_path(path) as tmp:
         im.save(tmp, format="png")

@@ -14,7 +14,6 @@ experiments created on a SQLite store go to `<db folder>/mlartifacts/<experiment
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -31,8 +30,7 @@ from . import EdmOptError, __version__
 # Our thread retries with backoff; MLflow's own retries (7, backoff 2: minutes) would block a flush.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-logging.getLogger("mlflow").setLevel(logging.WARNING)
-logging.getLogger("alembic").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it configures its loggers
 
 MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 PENDING_FILE = "pending-metrics.json"
