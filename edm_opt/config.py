@@ -94,6 +94,7 @@ class TrainConfig:
     # FID of snapshots during training (0 = off)
     fid_every: int = 0
     fid_images: int = 256
+    fid_ref_images: int | None = None  # training images in the FID reference (default min(N, 50000))
     # output and tracking
     outdir: str = "runs"
     experiment: str = "edm-opt"
@@ -104,7 +105,7 @@ class TrainConfig:
 
     # keys left out of the run-name hash and allowed to change on resume
     UNHASHED = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "fid_images",
-                "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device")
+                "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device")
     NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every")
 
     @classmethod

@@ -100,7 +100,11 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 _CLEAN_RESIZE = build_resizer("clean")
 
 
-class WeightsNotFound(EdmOptError, RuntimeError):
+class InceptionWeightsError(EdmOptError, RuntimeError):
+    """Inception-v3 FID weights that cannot be used (corrupt, not TorchScript, wrong layout)."""
+
+
+class WeightsNotFound(InceptionWeightsError):
     """No Inception-v3 FID weights file could be found."""
 
 
@@ -178,7 +182,7 @@ def _pool3_layers(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     net = getattr(module, "net", None)
     if net is not None and hasattr(net, "layers"):
         return net.layers
-    raise RuntimeError(f"{path} is not an Inception-v3 FID TorchScript file (no .layers or .net.layers)")
+    raise InceptionWeightsError(f"{path} is not an Inception-v3 FID TorchScript file (no .layers or .net.layers)")
 
 
 def load_inception(path: str | os.PathLike | None = None,
@@ -197,7 +201,7 @@ def load_inception(path: str | os.PathLike | None = None,
             warnings.filterwarnings("ignore", r".*torch\.jit\.load.* is deprecated", DeprecationWarning)
             module = torch.jit.load(str(p), map_location=dev).eval()
     except Exception as e:  # a corrupt or non-TorchScript file
-        raise RuntimeError(f"cannot load Inception weights {p}: {e}") from e
+        raise InceptionWeightsError(f"cannot load Inception weights {p}: {e}") from e
     return InceptionFeatures(_pool3_layers(module, p), sha).eval().to(dev), sha
 
 

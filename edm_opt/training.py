@@ -191,7 +191,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.logger = None
         self.history: dict = {}
-        self.timers = {"steps": 0.0, "heldout": 0.0, "snapshots": 0.0, "checkpoints": 0.0}
+        self.timers = {"steps": 0.0, "heldout": 0.0, "snapshots": 0.0, "checkpoints": 0.0, "fid": 0.0}
 
     @contextlib.contextmanager
     def _timed(self, key: str):
@@ -248,6 +248,11 @@ class Trainer:
         torch.manual_seed(r.seed * 1000003 + env.rank)  # dropout
         self.images = self.dataset.images  # uint8, indexed per batch
         self.labels = self.dataset.labels if r.class_conditional else None
+        self.fid = None
+        if r.fid_every:
+            from .evaluation import TrainingFID
+
+            self.fid = TrainingFID(self.dataset, env, r.fid_images, r.fid_ref_images)
         self.per_rank = r.batch // env.world_size
         self.micro = min(r.batch_gpu or self.per_rank, self.per_rank)
         self.nimg, self.step = 0, 0
@@ -425,6 +430,9 @@ class Trainer:
             if self._crossed(r.snapshot_every) or done:
                 with self._timed("snapshots"):
                     self._snapshot()
+            if self.fid is not None and (self._crossed(r.fid_every) or done):
+                with self._timed("fid"):
+                    self._evaluate_fid()
             if self._crossed(r.checkpoint_every) or done or stopping:
                 with self._timed("checkpoints"):
                     self._checkpoint()
@@ -546,6 +554,15 @@ class Trainer:
         grid_png = self._sample_grid(self.run_dir.path / f"samples-{nimg:09d}.png")
         self.logger.log_artifact(grid_png, "samples")
         self.run_dir.log(f"snapshot {path.name}")
+
+    def _evaluate_fid(self) -> None:
+        m = self.fid(self.emas[0].net)
+        if m is not None:
+            self.logger.log_metrics(m, step=self.nimg)
+            self.logger.set_tags({"edm_opt.fid_weights_sha256": self.fid.sha})
+            line = f"{format_nimg(self.nimg):>8} img  FID {m['fid']:.3f}  KID {m['kid']:.5f} ({m['fid/num_images']} images)"
+            self.echo(line)
+            self.run_dir.log(line)
 
     def _sample_grid(self, path: Path) -> Path:
         from .sampling import generate
