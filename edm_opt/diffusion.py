@@ -196,3 +196,47 @@ def reference_total(sigmas: np.ndarray, per_sigma: np.ndarray) -> float:
     sigmas = np.asarray(sigmas, dtype=np.float64)
     q = EDM_DENSITY.bin_mass(sigmas)
     return float(np.sum(q * edm_weight(sigmas) * np.asarray(per_sigma, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Any model as a VE x0 denoiser (what `edm-opt diagnose` measures): input scaled by the preconditioning's
+# c_in, output converted from its native target to D(x; sigma) (method.md section 1).
+
+
+class NativeDenoiser(torch.nn.Module):
+    """Wrap `module(x_in, sigma, labels) -> native output` as D(x; sigma, labels) in VE x0 coordinates.
+
+    x = x0 + sigma eps (VE); the module sees x_in = c_in(sigma) x of `precond` (edm: 1/sqrt(sigma^2 +
+    sigma_data^2); vp: 1/sqrt(1 + sigma^2), i.e. the VP process's x_t; fm: 1/(1 + sigma), flow matching's
+    x_t; ve: 1) and the VE sigma (convert with `vp_t` / `fm_t` inside if it wants its own time). Its output
+    is converted by `target`:
+      x0: D = out;  eps: D = x - sigma out;  fm (u = eps - x0): D = (x - sigma out) / (1 + sigma);
+      v (VP): D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) out;  F: D = c_skip x + c_out out.
+    """
+
+    def __init__(self, module: torch.nn.Module, target: str = "x0", precond: str = "edm",
+                 sigma_data: float = SIGMA_DATA):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+        if precond not in PRECONDS:
+            raise ValueError(f"unknown preconditioning {precond!r}; expected one of {', '.join(PRECONDS)}")
+        self.module, self.target, self.precond, self.sigma_data = module, target, precond, sigma_data
+        for attr in ("img_resolution", "img_channels", "label_dim"):
+            if hasattr(module, attr):
+                setattr(self, attr, getattr(module, attr))
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        x = x.float()
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in = precond_coefficients(self.precond, s, self.sigma_data)
+        out = self.module(c_in * x, s.reshape(-1).expand(x.shape[0]), class_labels).float()
+        if self.target == "x0":
+            return out
+        if self.target == "eps":
+            return x - s * out
+        if self.target == "fm":
+            return (x - s * out) / (1 + s)
+        if self.target == "v":
+            return x / (1 + s * s) - s / (1 + s * s).sqrt() * out
+        return c_skip * x + c_out * out  # F

@@ -1,0 +1,178 @@
+"""Training costs measured side by side in one run (these machines are noisy: repeats interleaved, min kept).
+
+1. Tracking overhead: mean optimiser-step time with MLflow logging on (the real background logger, status
+   every 4 steps so it is busy) vs off (a logger that drops everything), same config. Target <= 3%.
+2. Held-out evaluation's share of run time at the default status interval (duration / 64). Target <= 5%.
+3. Images/s of edm2-mini on digits with 1 and 2 ranks (torchrun, CPU, gloo).
+4. With CUDA: edm2-img64-xs forward+backward images/s, fp32 vs bf16 autocast, with and without torch.compile.
+
+Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edm_opt import tracking  # noqa: E402
+from edm_opt.config import TrainConfig  # noqa: E402
+from edm_opt.training import train  # noqa: E402
+
+
+class NullLogger:
+    """Tracking off: accepts everything, sends nothing."""
+
+    def __init__(self, *a, **k):
+        self.run_id, self.uri = "off", "off"
+
+    @classmethod
+    def create(cls, *a, **k):
+        return cls()
+
+    resume = create
+
+    def __getattr__(self, name):
+        return lambda *a, **k: [] if name == "pending" else True
+
+
+@contextlib.contextmanager
+def tracking_off():
+    real = tracking.RunLogger
+    tracking.RunLogger = NullLogger
+    try:
+        yield
+    finally:
+        tracking.RunLogger = real
+
+
+def one_run(preset: str, duration: str, status_every, logging: bool) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cwd = os.getcwd()
+        os.chdir(d)
+        os.environ["EDM_OPT_CACHE"] = str(Path(tempfile.gettempdir()) / "edm-opt-bench-cache")
+        try:
+            cfg = TrainConfig(data="digits", preset=preset, schedule="optimal", duration=duration,
+                              status_every=status_every, snapshot_every=duration, checkpoint_every=duration)
+            ctx = contextlib.nullcontext() if logging else tracking_off()
+            with ctx:
+                t = time.perf_counter()
+                result = train(cfg, echo=lambda line: None)
+                result["wall"] = time.perf_counter() - t
+            result["steps_n"] = result["nimg"] // 128
+            return result
+        finally:
+            os.chdir(cwd)
+
+
+def ranks_throughput(nproc: int, duration: str) -> float:
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "runners" / "train.py"),
+                              "--data", "digits", "--preset", "edm2-mini", "--duration", duration, "--status-every",
+                              duration, "--snapshot-every", duration, "--checkpoint-every", duration],
+                             cwd=d, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+                                  "EDM_OPT_CACHE": str(Path(tempfile.gettempdir()) / "edm-opt-bench-cache")})
+        rates = [float(x) for x in re.findall(r"([\d.]+) img/s", out.stdout)]
+        if out.returncode or not rates:
+            raise RuntimeError(out.stderr[-2000:])
+        return rates[-1]
+
+
+def gpu_throughput():
+    from edm_opt.networks import build_network
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    results = {}
+    for precision in ("fp32", "bf16"):
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            net = build_network("edm2-img64-xs").to(dev).train()
+            fwd = torch.compile(net) if compiled else net
+            opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+            b = 64
+            x = torch.randn(b, 3, 64, 64, device=dev)
+            y = torch.nn.functional.one_hot(torch.randint(1000, (b,), device=dev), 1000).float()
+            s = torch.rand(b, device=dev) + 0.1
+
+            def step():
+                with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                    d, u = fwd(x, s, y, return_logvar=True)
+                loss = ((d.float() - x) ** 2).mean() + u.float().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            results[(precision, compiled)] = 20 * b / (time.perf_counter() - t)
+    base = results[("fp32", False)]
+    for (precision, compiled), v in results.items():
+        print(f"[gpu] edm2-img64-xs {precision}{' +compile' if compiled else ''}: {v:8.1f} img/s "
+              f"({v / base:.2f}x fp32)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--duration", default="16Ki")
+    ap.add_argument("--skip-ranks", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    one_run("edm2-nano", "2Ki", 512, True)  # warm caches: J*, mlflow import, sqlite creation
+
+    on, off = [], []
+    for _ in range(args.repeats):  # interleaved: on, off, on, off, ...
+        for logging, sink in ((True, on), (False, off)):
+            r = one_run("edm2-nano", args.duration, 4 * 128, logging)
+            sink.append(r["timers"]["steps"] / r["steps_n"])
+    print(f"[tracking] edm2-nano, status every 4 steps: step {min(on) * 1e3:.2f} ms with MLflow, "
+          f"{min(off) * 1e3:.2f} ms without: overhead {100 * (min(on) / min(off) - 1):+.1f}% (target <= 3%)")
+
+    # The held-out share depends on the run's length: one evaluation (2 x 64 images x 32 sigmas, EMA and
+    # raw weights) against duration/64 images of training. Measure both costs, then the share at lengths.
+    from edm_opt.config import parse_nimg
+
+    n = parse_nimg(args.duration)
+    r = one_run("edm2-mini", args.duration, n // 8, True)
+    t_eval = r["timers"]["heldout"] / 8
+    t_step = r["timers"]["steps"] / r["steps_n"]
+    print(f"[held-out] edm2-mini on digits: one held-out evaluation {t_eval:.2f} s = {t_eval / t_step:.1f} "
+          f"optimiser steps of 128 images ({t_step * 1e3:.0f} ms each)")
+    for length in ("64Ki", "256Ki", "1Mi", "8Mi"):
+        steps_per_status = parse_nimg(length) / 64 / 128
+        share = t_eval / (t_eval + steps_per_status * t_step)
+        print(f"[held-out]   share of run time at the default status interval, {length:>5} images: {100 * share:5.1f}%")
+    break_even = 64 * 128 * t_eval / t_step * 19  # share = 5% when the interval is 19 x the evaluation's cost
+    print(f"[held-out]   <= 5% (the target) for runs of {break_even / 2 ** 20:.2f} Mi images or more; shorter runs: "
+          f"raise --status-every")
+
+    if not args.skip_ranks:
+        one, two = ranks_throughput(1, args.duration), ranks_throughput(2, args.duration)
+        print(f"[ranks] edm2-mini on digits: 1 rank {one:.0f} img/s, 2 ranks {two:.0f} img/s ({two / one:.2f}x)")
+    if torch.cuda.is_available():
+        gpu_throughput()
+    else:
+        print("[gpu] no CUDA device: skipped")
+
+
+if __name__ == "__main__":
+    main()
