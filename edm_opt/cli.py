@@ -282,6 +282,43 @@ def sample(run_dir, seeds, out, snapshot, steps, class_label, device):
 
 
 # --------------------------------------------------------------------------------------------------
+# edm-opt report
+
+
+@main.command()
+@click.option("--experiment", required=True, help="MLflow experiment whose training runs the report covers.")
+@click.option("--sweep", "sweep_run_id", default=None, metavar="RUN_ID",
+              help="Only the child runs of this sweep run; the PDF (and CSVs) are also logged as its artifacts.")
+@click.option("--out", type=click.Path(dir_okay=False), default="report.pdf", show_default=True,
+              help="The PDF to write (atomically).")
+@click.option("--csv", "csv_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write per_sigma_final.csv, fits.csv, runs.csv and gap_fid.csv into this folder.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Run resamples for the confidence intervals of the reference-total fits.")
+@click.option("--sigma-bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Run resamples for the confidence intervals of each per-sigma fit.")
+def report(experiment, sweep_run_id, out, csv_dir, bootstrap, sigma_bootstrap):
+    """Write a PDF scaling report of an experiment's runs (read from MLflow).
+
+    J*_sigma; per-sigma gaps; fits of J(f) = beta f^alpha and J(f) - J* = beta f^alpha on the compute
+    frontier (reference total and per sigma) with the free-floor diagnostic; schedules at equal compute;
+    FID/KID; the per-sigma correlation of gap and FID; a run table and a summary. The tracking store is
+    MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db.
+    """
+    from reports.build import build_report
+
+    s = build_report(experiment, Path(out), sweep_run_id, Path(csv_dir) if csv_dir else None,
+                     bootstrap=bootstrap, sigma_bootstrap=sigma_bootstrap)
+    click.echo("\n\n".join(s.summary))
+    click.echo(f"wrote {s.out}: {len(s.pages)} pages, {s.runs} runs ({s.runs_with_data} with held-out "
+               f"evaluations, {s.runs_with_fid} with FID)", err=True)
+    for path in s.csv_files:
+        click.echo(f"wrote {path}", err=True)
+    if s.logged_to:
+        click.echo(f"logged to the sweep run {s.logged_to}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # edm-opt data
 
 

@@ -108,3 +108,102 @@ def negative_gaps(sigmas, loss, stderr, jstar, z: float = 3.0) -> list[str]:
 def largest_gap(sigmas, gap) -> tuple[float, float]:
     i = int(np.nanargmax(gap))
     return float(sigmas[i]), float(gap[i])
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sigma gap against FID across snapshots (the paper's Figure 2b).
+
+
+@dataclass(frozen=True)
+class GapFidPoint:
+    """One (run, snapshot) with FID: the held-out per-sigma gap J_sigma(theta) - J*_sigma (per-dimension x0
+    MSE) of the evaluation at the same nimg, keyed by sigma key (`format(s, ".4g")`), and the FID there."""
+
+    run_id: str
+    run_name: str
+    nimg: int
+    fid: float
+    gap: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GapFidCorrelation:
+    """Correlation across (run, snapshot) points of the gap at one sigma with FID (n points used)."""
+
+    sigma: float
+    pearson: float
+    spearman: float
+    n: int
+
+
+def match_gap_fid(run_id: str, run_name: str, sigmas, nimg, gap, fid) -> list[GapFidPoint]:
+    """Pair each FID with the per-sigma gap evaluated at the same nimg.
+
+    sigmas [K]; nimg [T] the steps of the held-out evaluations; gap [T][K] (None or NaN where missing);
+    fid: (nimg, FID) pairs. FID steps without an evaluation at exactly that nimg are skipped.
+    """
+    row_at = {int(n): i for i, n in enumerate(nimg)}
+    keys = [sigma_key(s) for s in sigmas]
+    points = []
+    for step, value in fid:
+        i = row_at.get(int(step))
+        if i is None or not np.isfinite(value):
+            continue
+        g = {k: float(v) for k, v in zip(keys, gap[i]) if v is not None and np.isfinite(v)}
+        if g:
+            points.append(GapFidPoint(run_id, run_name, int(step), float(value), g))
+    return points
+
+
+def gap_fid_points(uri: str, experiment: str, parent_run_id: str | None = None) -> list[GapFidPoint]:
+    """All (run, snapshot) points with FID in an MLflow experiment (children of `parent_run_id` if given).
+
+    The gap at each FID step comes from the run's `per_sigma.json` history (loss_x0 - jstar) where the
+    artifact has that step, else from the `gap/sigma_<s>` metric histories at that step.
+    """
+    from .tracking import find_runs, load_json_artifact, metric_history
+
+    points = []
+    for run in find_runs(uri, experiment, parent_run_id):
+        if "fid" not in run.metrics:
+            continue
+        fid = metric_history(uri, run.run_id, "fid")
+        hist = load_json_artifact(uri, run.run_id, "per_sigma.json")
+        found = []
+        if hist and hist.get("nimg"):
+            jstar = np.asarray(hist["jstar"], dtype=np.float64)
+            loss = np.array(hist["loss_x0"], dtype=np.float64)
+            found = match_gap_fid(run.run_id, run.run_name, hist["sigmas"], hist["nimg"], loss - jstar, fid)
+        matched = {p.nimg for p in found}
+        missing = [(n, v) for n, v in fid if n not in matched]
+        if missing:
+            keys = sorted((k.removeprefix("gap/sigma_") for k in run.metrics if k.startswith("gap/sigma_")), key=float)
+            by_key = {k: dict(metric_history(uri, run.run_id, f"gap/sigma_{k}")) for k in keys}
+            steps = [n for n, _ in missing]
+            gap = [[by_key[k].get(n, np.nan) for k in keys] for n in steps]
+            found += match_gap_fid(run.run_id, run.run_name, [float(k) for k in keys], steps, gap, missing)
+        points.extend(sorted(found, key=lambda p: p.nimg))
+    return points
+
+
+def gap_fid_correlation(points: list[GapFidPoint]) -> list[GapFidCorrelation]:
+    """Pearson and Spearman correlation of gap_sigma with FID per sigma, over all points, by sigma.
+
+    Fewer than 3 points, or no spread, at a sigma: NaN correlations (n says how many points there were).
+    """
+    import warnings
+
+    from scipy.stats import pearsonr, spearmanr
+
+    keys = sorted({k for p in points for k in p.gap}, key=float)
+    out = []
+    for k in keys:
+        pairs = np.array([(p.gap[k], p.fid) for p in points if k in p.gap], dtype=np.float64).reshape(-1, 2)
+        pearson = spearman = float("nan")
+        if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # near-constant input: scipy warns and returns what it can
+                pearson = float(pearsonr(pairs[:, 0], pairs[:, 1])[0])
+                spearman = float(spearmanr(pairs[:, 0], pairs[:, 1])[0])
+        out.append(GapFidCorrelation(float(k), pearson, spearman, len(pairs)))
+    return out

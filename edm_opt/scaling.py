@@ -293,7 +293,7 @@ def fit_frontier(curves: Sequence[tuple], jstar: float | None = None, bootstrap:
     correlated) points of one frontier. With fewer than MIN_RUNS_FOR_CI = 5 runs the CIs are NaN and
     `note` says the CI is not available. Resamples whose fit fails are left out (and counted in `note`).
     """
-    curves = list(curves)
+    curves = [_run_arrays(i, f, J) for i, (f, J) in enumerate(curves)]  # validated once, not per resample
     fit, _, _ = _point_fit(*compute_frontier(curves), jstar)
     if math.isnan(fit.alpha):
         return fit

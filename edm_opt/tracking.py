@@ -31,6 +31,7 @@ from . import EdmOptError, __version__
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it configures its loggers
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # readers download many small files
 
 MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 PENDING_FILE = "pending-metrics.json"

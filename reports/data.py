@@ -1,0 +1,231 @@
+"""Runs of an MLflow experiment as plain arrays, read through `edm_opt.tracking` (the only mlflow user).
+
+One `RunData` per training run: its per-sigma history from the `per_sigma.json` artifact (one file per
+run), or, when a run has no such artifact or is still RUNNING (the artifact is written only at
+snapshots), from the metric histories of the naming contract. Units: sigma is the VE noise level,
+losses are per-dimension x0 MSE (DESIGN.md), f is cumulative training compute in FLOPs, nimg counts
+training images seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edm_opt import EdmOptError
+from edm_opt.diffusion import reference_total, sigma_key
+from edm_opt.tracking import find_runs, get_run, load_json_artifact, metric_history
+
+PER_SIGMA_ARTIFACT = "per_sigma.json"
+JSTAR_ARTIFACT = "jstar.json"
+
+
+class NoRunsError(EdmOptError, LookupError):
+    """The experiment (or sweep) has no training runs to report on."""
+
+
+@dataclass
+class RunData:
+    """One training run: identity, size, and its held-out per-sigma history.
+
+    sigmas [K] (VE); jstar, jstar_stderr [K] (J*_sigma, per-dimension x0 MSE); nimg [T] status steps
+    (images seen); flops_total [T] (FLOPs); loss_x0 [T, K] held-out EMA loss (NaN where missing);
+    ref_total [T] the reference total of loss_x0; jstar_ref the same total of J*; fid, kid [n, 2]
+    (nimg, value) pairs. source: where the history came from.
+    """
+
+    run_id: str
+    name: str
+    status: str
+    schedule: str
+    preset: str
+    param_count: int | None
+    flops_per_image: float | None
+    sigmas: np.ndarray
+    jstar: np.ndarray
+    jstar_stderr: np.ndarray
+    nimg: np.ndarray
+    flops_total: np.ndarray
+    loss_x0: np.ndarray
+    ref_total: np.ndarray
+    jstar_ref: float
+    fid: np.ndarray
+    kid: np.ndarray
+    source: str
+    fingerprint: str | None = None
+    time_ms: int | None = None  # end (else start) time of the run, ms since the epoch
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        return [sigma_key(s) for s in self.sigmas]
+
+    @property
+    def has_history(self) -> bool:
+        return self.nimg.size > 0
+
+    @property
+    def gap(self) -> np.ndarray:
+        """[T, K] held-out gap J_sigma(theta) - J*_sigma."""
+        return self.loss_x0 - self.jstar
+
+    @property
+    def ref_gap(self) -> np.ndarray:
+        """[T] reference-total gap."""
+        return self.ref_total - self.jstar_ref
+
+    def final(self, values: np.ndarray) -> float:
+        """The value of a (nimg, value) series at its largest nimg, NaN if empty (e.g. the last FID)."""
+        return float(values[-1, 1]) if len(values) else math.nan
+
+    def curve(self, column: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(f, J) for a frontier: f in FLOPs, J = the reference total (column None) or loss_x0 at grid
+        column `column`; only finite points with f > 0, J > 0 and f strictly increasing. None if empty."""
+        if not self.has_history:
+            return None
+        J = self.ref_total if column is None else self.loss_x0[:, column]
+        f = self.flops_total
+        keep = np.isfinite(f) & np.isfinite(J) & (f > 0) & (J > 0)
+        f, J = f[keep], J[keep]
+        if f.size == 0:
+            return None
+        rising = np.concatenate([[True], f[1:] > np.maximum.accumulate(f)[:-1]])
+        return f[rising], J[rising]
+
+
+@dataclass
+class ExperimentData:
+    """The training runs of an experiment (or sweep), the J* table and what is missing."""
+
+    experiment: str
+    uri: str
+    sweep_run_id: str | None
+    runs: list[RunData]
+    skipped: list[str]  # names of runs that are not training runs (sweep parents, reports)
+    jstar_table: dict | None  # the jstar.json artifact of the first run that has one
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def with_history(self) -> list[RunData]:
+        return [r for r in self.runs if r.has_history]
+
+    @property
+    def reference(self) -> RunData | None:
+        """The run whose J* the fits use (the first with a history)."""
+        return next(iter(self.with_history), None)
+
+    @property
+    def schedules(self) -> list[str]:
+        return sorted({r.schedule for r in self.runs})
+
+
+def _is_training_run(rec) -> bool:
+    return "edm_opt.schedule" in rec.tags or any(k.startswith("loss_x0/") for k in rec.metrics)
+
+
+def _series(uri: str, rec, key: str) -> np.ndarray:
+    """[n, 2] (step, value) history of one metric, empty if the run never logged it."""
+    if key not in rec.metrics:
+        return np.zeros((0, 2))
+    return np.array(metric_history(uri, rec.run_id, key), dtype=np.float64).reshape(-1, 2)
+
+
+def _from_artifact(h: dict) -> dict:
+    sigmas = np.asarray(h["sigmas"], dtype=np.float64)
+    jstar = np.asarray(h["jstar"], dtype=np.float64)
+    return dict(sigmas=sigmas, jstar=jstar,
+                jstar_stderr=np.asarray(h.get("jstar_stderr") or np.full(sigmas.shape, np.nan), dtype=np.float64),
+                nimg=np.asarray(h["nimg"], dtype=np.int64),
+                flops_total=np.asarray(h["flops_total"], dtype=np.float64),
+                loss_x0=np.array(h["loss_x0"], dtype=np.float64).reshape(len(h["nimg"]), len(sigmas)),
+                ref_total=np.array(h["ref_total"], dtype=np.float64),
+                jstar_ref=reference_total(sigmas, jstar), source=PER_SIGMA_ARTIFACT)
+
+
+def _from_metrics(uri: str, rec) -> dict:
+    """The same arrays from the metric histories (K + 2 history reads)."""
+    prefix = "loss_x0/sigma_"
+    keys = sorted((k.removeprefix(prefix) for k in rec.metrics if k.startswith(prefix)), key=float)
+    sigmas = np.array([float(k) for k in keys], dtype=np.float64)
+    jstar = np.array([rec.metrics.get(f"jstar/sigma_{k}", math.nan) for k in keys], dtype=np.float64)
+    loss = {k: dict(metric_history(uri, rec.run_id, f"loss_x0/sigma_{k}")) for k in keys}
+    flops = dict(metric_history(uri, rec.run_id, "compute/flops_total"))
+    ref = dict(metric_history(uri, rec.run_id, "loss/ref_total"))
+    steps = sorted(set().union(*(set(v) for v in loss.values()))) if keys else []
+    jref = rec.metrics.get("jstar/ref_total")
+    if jref is None:
+        jref = reference_total(sigmas, jstar) if keys else math.nan
+    return dict(sigmas=sigmas, jstar=jstar, jstar_stderr=np.full(sigmas.shape, np.nan),
+                nimg=np.asarray(steps, dtype=np.int64),
+                flops_total=np.array([flops.get(s, math.nan) for s in steps], dtype=np.float64),
+                loss_x0=np.array([[loss[k].get(s, math.nan) for k in keys] for s in steps],
+                                 dtype=np.float64).reshape(len(steps), len(keys)),
+                ref_total=np.array([ref.get(s, math.nan) for s in steps], dtype=np.float64),
+                jstar_ref=float(jref), source="metric histories" if steps else "none")
+
+
+def read_run(uri: str, rec) -> RunData:
+    """One run's history: per_sigma.json unless the run is RUNNING or has none, else metric histories."""
+    h = None if rec.status == "RUNNING" else load_json_artifact(uri, rec.run_id, PER_SIGMA_ARTIFACT)
+    try:
+        arrays = _from_artifact(h) if h and h.get("nimg") else None
+    except (KeyError, TypeError, ValueError):  # an unreadable artifact: the metrics hold the same numbers
+        arrays = None
+    if arrays is None:
+        arrays = _from_metrics(uri, rec)
+    h = h or {}
+    params = rec.metrics.get("model/param_count", h.get("param_count"))
+    return RunData(
+        run_id=rec.run_id, name=rec.run_name, status=rec.status,
+        schedule=h.get("schedule") or rec.tags.get("edm_opt.schedule") or rec.params.get("schedule", "unknown"),
+        preset=h.get("preset") or rec.tags.get("edm_opt.preset") or rec.params.get("preset", "unknown"),
+        param_count=None if params is None else int(params),
+        flops_per_image=rec.metrics.get("compute/flops_per_image", h.get("flops_per_image")),
+        fid=_series(uri, rec, "fid"), kid=_series(uri, rec, "kid"),
+        fingerprint=rec.tags.get("edm_opt.dataset_fingerprint") or rec.params.get("data.fingerprint"),
+        time_ms=rec.end_time or rec.start_time, tags=rec.tags, **arrays)
+
+
+def collect_experiment(uri: str, experiment: str, sweep_run_id: str | None = None) -> ExperimentData:
+    """Read every training run of `experiment` (children of `sweep_run_id` only, when given).
+
+    Runs are ordered by schedule, parameter count and name. Raises NoRunsError if there is none
+    (TrackingError if the experiment or the sweep run does not exist).
+    """
+    if sweep_run_id:
+        get_run(uri, sweep_run_id)
+    records = find_runs(uri, experiment, sweep_run_id)
+    training = [r for r in records if _is_training_run(r)]
+    where = f"experiment {experiment!r}" + (f" (sweep {sweep_run_id})" if sweep_run_id else "") + f" at {uri}"
+    if not training:
+        other = f" ({len(records)} other runs: sweep parents or reports)" if records else ""
+        raise NoRunsError(f"no training runs in {where}{other}")
+    runs = sorted((read_run(uri, r) for r in training),
+                  key=lambda r: (r.schedule, r.param_count or 0, r.name, r.run_id))
+    exp = ExperimentData(experiment, uri, sweep_run_id, runs,
+                         sorted(r.run_name for r in records if not _is_training_run(r)), None)
+    for r in runs:
+        if r.has_history and (table := load_json_artifact(uri, r.run_id, JSTAR_ARTIFACT)):
+            exp.jstar_table = table
+            break
+    _check_consistency(exp)
+    return exp
+
+
+def _check_consistency(exp: ExperimentData) -> None:
+    """Notes for runs without data and runs whose data or J* differ from the reference run."""
+    ref = exp.reference
+    empty = [r.name for r in exp.runs if not r.has_history]
+    if empty:
+        exp.notes.append(f"{len(empty)} runs have no held-out evaluation yet: {', '.join(empty[:5])}"
+                         + (" ..." if len(empty) > 5 else ""))
+    if ref is None:
+        return
+    prints = {r.fingerprint for r in exp.runs if r.fingerprint}
+    if len(prints) > 1:
+        exp.notes.append(f"runs on {len(prints)} different datasets (fingerprints); fits use the J* of {ref.name}")
+    other_jstar = [r.name for r in exp.with_history if not math.isclose(r.jstar_ref, ref.jstar_ref, rel_tol=1e-6)]
+    if other_jstar:
+        exp.notes.append(f"{len(other_jstar)} runs use another J* reference total than {ref.name}")

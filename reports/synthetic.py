@@ -1,0 +1,128 @@
+"""Synthetic training runs logged through `edm_opt.tracking` with the MLflow naming contract.
+
+For tests, `benchmarks/report.py` and trying a report without training. Each run follows
+J_sigma(f) = J*_sigma + g_sigma ((f / f0)^alpha + 0.1 (P / 1e5)^-0.5) with multiplicative noise
+(per-dimension x0 MSE, f in FLOPs, P parameters: small networks level off higher). It logs the metrics
+a training run logs at each status step, the `per_sigma.json` and `jstar.json` artifacts, and optionally
+FID/KID at snapshot steps with FID = fid_offset + fid_scale x gap at one sigma (a known relation for
+the gap-vs-FID correlation).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edm_opt import __version__
+from edm_opt.diagnose import per_sigma_metrics
+from edm_opt.diffusion import reference_total, sigma_grid, sigma_key
+from edm_opt.fileio import write_json
+from edm_opt.tracking import RunLogger, set_run_status
+
+DATA_VARIANCE = 0.29  # per dimension, about that of `digits`
+F0 = 1e9  # FLOPs at which the gap equals g_sigma
+
+
+def synthetic_jstar(sigmas: np.ndarray, sigma_c: float = 0.3) -> np.ndarray:
+    """A J*_sigma shaped like a finite dataset's: ~0 below ~sigma_c, the data variance at large sigma."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    return DATA_VARIANCE * s ** 2 / (DATA_VARIANCE + s ** 2) * -np.expm1(-(s / sigma_c) ** 4)
+
+
+@dataclass
+class SyntheticRun:
+    """One run: name, schedule, size (parameters, FLOPs per image), status steps every `status_every`
+    images, gap exponent alpha and amplitude; FID every `fid_every` status steps (None: no FID)."""
+
+    name: str
+    schedule: str = "edm"
+    param_count: int = 100_000
+    flops_per_image: float = 1e7
+    steps: int = 16
+    status_every: int = 512
+    alpha: float = -0.3
+    amplitude: float = 1.0
+    fid_every: int | None = 4
+    fid_sigma: int = -3  # grid index whose gap drives FID
+    fid_scale: float = 3.0
+    fid_offset: float = 5.0
+    kid: bool = True
+    noise: float = 0.002
+    status: str = "FINISHED"
+    preset: str = "synthetic"
+
+
+def synthetic_history(run: SyntheticRun, sigmas: np.ndarray, jstar: np.ndarray, rng: np.random.Generator) -> dict:
+    """The run's `per_sigma.json` content (the format training writes)."""
+    nimg = [(i + 1) * run.status_every for i in range(run.steps)]
+    flops = np.array(nimg, dtype=np.float64) * run.flops_per_image
+    g = run.amplitude * (DATA_VARIANCE * sigmas ** 2 / (DATA_VARIANCE + sigmas ** 2) + 1e-5)
+    capacity = 0.1 * (run.param_count / 1e5) ** -0.5  # a smaller network levels off higher
+    gap = g[None, :] * ((flops[:, None] / F0) ** run.alpha + capacity)
+    loss = (jstar[None, :] + gap) * (1 + run.noise * rng.standard_normal(gap.shape))
+    stderr = 0.01 * loss
+    return {"sigmas": sigmas.tolist(), "jstar": jstar.tolist(), "jstar_stderr": (1e-3 * jstar).tolist(),
+            "param_count": run.param_count, "flops_per_image": int(run.flops_per_image), "schedule": run.schedule,
+            "preset": run.preset, "nimg": nimg, "loss_x0": loss.tolist(), "stderr": stderr.tolist(),
+            "loss_x0_raw": (loss * 1.01).tolist(), "loss_x0_batch": loss.tolist(),
+            "p_sigma": [None] * run.steps, "ref_total": [reference_total(sigmas, l) for l in loss],
+            "flops_total": flops.tolist()}
+
+
+def jstar_table(sigmas: np.ndarray, jstar: np.ndarray) -> dict:
+    """A `jstar.json` of the DESIGN.md format for synthetic data."""
+    return {"format_version": 1, "estimator": "synthetic", "params": {"seed": 0}, "class_conditional": False,
+            "num_images": 1000, "dim": 64, "data_variance": DATA_VARIANCE, "wall_time_s": 0.0,
+            "edm_opt_version": __version__,
+            "dataset": {"source": "synthetic", "resolution": None, "xflip": False, "split": "train",
+                        "fingerprint": "synthetic0000", "preprocessing": "none"},
+            "sigmas": sigmas.tolist(), "jstar": jstar.tolist(), "stderr": (1e-3 * jstar).tolist()}
+
+
+def log_synthetic_run(uri: str, experiment: str, run: SyntheticRun, sigmas: np.ndarray | None = None,
+                      seed: int = 0, parent_run_id: str | None = None, per_sigma_history: bool = True,
+                      artifacts: bool = True) -> str:
+    """Log one synthetic run; returns its MLflow run id.
+
+    per_sigma_history: log the per-sigma metrics at every status step (False: at the last step only,
+    a smaller store; the report reads `per_sigma.json`). artifacts: log per_sigma.json and jstar.json
+    (False: a run whose report must fall back to metric histories).
+    """
+    sigmas = sigma_grid(num=8) if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+    jstar = synthetic_jstar(sigmas)
+    rng = np.random.default_rng(seed)
+    h = synthetic_history(run, sigmas, jstar, rng)
+    tags = {"edm_opt.dataset_fingerprint": "synthetic0000", "edm_opt.schedule": run.schedule,
+            "edm_opt.preset": run.preset, "edm_opt.git_commit": "synthetic", "edm_opt.duration": h["nimg"][-1]}
+    if parent_run_id:
+        tags["edm_opt.sweep"] = parent_run_id
+    logger = RunLogger.create(uri, experiment, run.name, tags, parent_run_id, verbose=False)
+    logger.log_params({"preset": run.preset, "schedule": run.schedule, "sigmas": f"0.002:80:{len(sigmas)}",
+                       "jstar.estimator": "synthetic", "jstar.ref_total": reference_total(sigmas, jstar)})
+    logger.log_metrics({"model/param_count": run.param_count, "compute/flops_per_image": run.flops_per_image,
+                        **{f"jstar/sigma_{sigma_key(s)}": float(j) for s, j in zip(sigmas, jstar)}}, step=0)
+    loss, stderr = np.array(h["loss_x0"]), np.array(h["stderr"])
+    for t, nimg in enumerate(h["nimg"]):
+        m = per_sigma_metrics(sigmas, loss[t], stderr[t], jstar, loss[t] * 1.01)
+        if not per_sigma_history and t < run.steps - 1:
+            m = {k: v for k, v in m.items() if not k.split("/")[1].startswith("sigma_")}
+        m.update({"loss/train": m["loss/ref_total"], "compute/flops_total": h["flops_total"][t], "train/lr": 0.01,
+                  "perf/img_per_s": 1000.0})
+        if run.fid_every and (t + 1) % run.fid_every == 0:
+            fid = run.fid_offset + run.fid_scale * (loss[t, run.fid_sigma] - jstar[run.fid_sigma])
+            m["fid"] = fid * (1 + run.noise * rng.standard_normal())
+            m["fid/num_images"] = 1000
+            if run.kid:
+                m["kid"] = 1e-3 * m["fid"]
+        logger.log_metrics(m, step=nimg)
+    with tempfile.TemporaryDirectory() as tmp:
+        if artifacts:
+            logger.log_artifact(write_json(Path(tmp) / "per_sigma.json", h, indent=None))
+            logger.log_artifact(write_json(Path(tmp) / "jstar.json", jstar_table(sigmas, jstar)))
+        logger.finish("FINISHED" if run.status == "RUNNING" else run.status)
+    if run.status == "RUNNING":
+        set_run_status(uri, logger.run_id, "RUNNING")
+    return logger.run_id

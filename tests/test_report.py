@@ -1,0 +1,245 @@
+"""The PDF report (reports/): built from real temporary MLflow stores, checked page by page.
+
+Most tests share one SQLite store of synthetic runs logged through edm_opt.tracking (the naming
+contract, per_sigma.json and jstar.json artifacts), including a run without artifacts (read from its
+metric histories), a RUNNING run and a run with no evaluation yet. The slow test trains two tiny runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pypdf import PdfReader
+
+from edm_opt import EdmOptError
+from edm_opt.diagnose import gap_fid_points
+from edm_opt.diffusion import sigma_grid
+from edm_opt.tracking import create_run, get_run
+from reports.build import build_report
+from reports.data import NoRunsError, collect_experiment
+from reports.synthetic import SyntheticRun, log_synthetic_run, synthetic_history, synthetic_jstar
+from reports.tables import fmt, fmt_r
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "report-test"
+FAST = dict(bootstrap=200, sigma_bootstrap=50)  # fewer run resamples: the same pages, faster
+
+
+def _runs() -> list[SyntheticRun]:
+    runs = []
+    for i in range(3):
+        for schedule, amplitude in (("edm", 1.0), ("optimal", 0.7)):
+            runs.append(SyntheticRun(f"{schedule}-{i}", schedule, param_count=100_000 * 4 ** i,
+                                     flops_per_image=1e7 * 4 ** i, steps=10, amplitude=amplitude,
+                                     fid_every=3 if i < 2 else None))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sweep of 6 synthetic runs + one without artifacts + one RUNNING + one with no data yet."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    sweep = create_run(uri, EXPERIMENT, "sweep")
+    ids = {}
+    for seed, run in enumerate(_runs()):
+        ids[run.name] = log_synthetic_run(uri, EXPERIMENT, run, seed=seed, parent_run_id=sweep)
+    no_artifacts = SyntheticRun("edm-metrics-only", "edm", param_count=200_000, flops_per_image=2e7, steps=6,
+                                fid_every=2)
+    ids[no_artifacts.name] = log_synthetic_run(uri, EXPERIMENT, no_artifacts, seed=10, parent_run_id=sweep,
+                                               artifacts=False)
+    running = SyntheticRun("optimal-running", "optimal", param_count=200_000, flops_per_image=2e7, steps=5,
+                           amplitude=0.7, status="RUNNING", fid_every=None)
+    ids[running.name] = log_synthetic_run(uri, EXPERIMENT, running, seed=11, parent_run_id=sweep)
+    ids["edm-just-started"] = create_run(uri, EXPERIMENT, "edm-just-started", {"edm_opt.schedule": "edm"}, sweep)
+    create_run(uri, "only-a-sweep-parent", "sweep")
+    return {"uri": uri, "sweep": sweep, "ids": ids, "runs": _runs() + [no_artifacts, running], "root": root}
+
+
+def _pdf_text(path: Path) -> list[str]:
+    return [p.extract_text() for p in PdfReader(path).pages]
+
+
+def _page(texts: list[str], titles: list[str], title: str) -> str:
+    return texts[titles.index(title)]
+
+
+def _render(pdf: Path, out: Path) -> list[Path]:
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm not found: install Debian's poppler-utils to render the report pages")
+    subprocess.run(["pdftoppm", "-r", "30", "-png", str(pdf), str(out / "page")], check=True, timeout=120)
+    return sorted(out.glob("page*.png"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the store
+
+
+def test_collect_reads_artifacts_metric_histories_and_running_runs(store):
+    exp = collect_experiment(store["uri"], EXPERIMENT, store["sweep"])
+    by_name = {r.name: r for r in exp.runs}
+    assert set(by_name) == {r.name for r in store["runs"]} | {"edm-just-started"}
+    assert by_name["edm-0"].source == "per_sigma.json"
+    assert by_name["edm-metrics-only"].source == "metric histories"
+    assert by_name["optimal-running"].source == "metric histories"  # per_sigma.json lags a RUNNING run
+    assert by_name["optimal-running"].status == "RUNNING"
+    assert not by_name["edm-just-started"].has_history
+    assert any("no held-out evaluation yet" in n for n in exp.notes)
+
+    # The metric histories give back what was logged (sigma keys keep 4 significant digits).
+    spec = next(r for r in store["runs"] if r.name == "edm-metrics-only")
+    grid = sigma_grid(num=8)
+    h = synthetic_history(spec, grid, synthetic_jstar(grid), np.random.default_rng(10))
+    r = by_name["edm-metrics-only"]
+    np.testing.assert_allclose(r.sigmas, grid, rtol=1e-3)
+    np.testing.assert_array_equal(r.nimg, h["nimg"])
+    np.testing.assert_allclose(r.loss_x0, h["loss_x0"], rtol=1e-12)
+    np.testing.assert_allclose(r.ref_total, h["ref_total"], rtol=1e-12)
+    assert r.fid.shape == (3, 2) and r.param_count == 200_000
+
+
+def test_gap_fid_points_from_store(store):
+    points = gap_fid_points(store["uri"], EXPERIMENT, store["sweep"])
+    with_fid = [r for r in store["runs"] if r.fid_every]
+    assert len(points) == sum(r.steps // r.fid_every for r in with_fid)
+    grid = sigma_grid(num=8)
+    jstar = synthetic_jstar(grid)
+    for spec, seed in ((store["runs"][0], 0), (store["runs"][-2], 10)):  # from per_sigma.json / from metrics
+        h = synthetic_history(spec, grid, jstar, np.random.default_rng(seed))
+        mine = [p for p in points if p.run_name == spec.name]
+        assert [p.nimg for p in mine] == h["nimg"][spec.fid_every - 1::spec.fid_every]
+        for p in mine:
+            t = h["nimg"].index(p.nimg)
+            got = np.array([p.gap[k] for k in sorted(p.gap, key=float)])
+            np.testing.assert_allclose(got, np.array(h["loss_x0"][t]) - jstar, rtol=1e-9, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def test_report_pages_numbers_csv_and_rendering(store, tmp_path):
+    out = tmp_path / "report.pdf"
+    s = build_report(EXPERIMENT, out, sweep_run_id=store["sweep"], csv_dir=tmp_path / "csv", uri=store["uri"], **FAST)
+
+    assert s.pages == ["Title", "Optimal loss J*_sigma", "Per-sigma gap at each run's last evaluation",
+                       "Gap over training (heat maps)", "Scaling of the reference total", "Scaling per sigma",
+                       "Fit table per sigma", "Schedules at equal compute", "FID and KID", "Per-sigma gap vs FID",
+                       "Runs", "Summary"]
+    texts = _pdf_text(out)
+    assert len(texts) == len(s.pages)
+    assert s.runs == 9 and s.runs_with_data == 8 and s.runs_with_fid == 5
+
+    # The reference-total fits, as the table prints them, on the scaling page and in the summary.
+    raw, sub, free = s.reference.fits
+    assert sub.alpha < raw.alpha < 0 and abs(sub.rho) > 0.99
+    assert not np.isnan(sub.alpha_ci[0])  # 8 runs: run-resampling CIs
+    scaling = _page(texts, s.pages, "Scaling of the reference total")
+    for v in (fmt(raw.alpha), fmt(sub.alpha), fmt(sub.alpha_ci[0]), fmt(sub.beta), fmt_r(sub.rho), fmt_r(sub.r2)):
+        assert v in scaling
+    assert "free floor" in scaling and fmt(free.c) in scaling
+    assert fmt(sub.alpha) in _page(texts, s.pages, "Summary")
+    table = _page(texts, s.pages, "Fit table per sigma")
+    assert all(fmt(f.fits.subtracted.alpha) in table for f in s.sigma_fits)
+    assert len(s.sigma_fits) == 8
+
+    # Schedules: optimal was logged with a 0.7x gap, so it is lower at equal compute.
+    (cmp,) = s.comparisons
+    assert (cmp.schedule, cmp.baseline) == ("optimal", "edm") and cmp.gap_ratio < 1
+    assert "optimal frontier reaches a lower reference gap than edm" in " ".join(s.summary)
+
+    title = texts[0]
+    assert EXPERIMENT in title and "9 training runs" in title and "synthetic0000" in title
+    assert "RUNNING (2)" in title  # the run logged as RUNNING and the one just started
+    runs_page = _page(texts, s.pages, "Runs")
+    assert all(r.name in runs_page for r in store["runs"]) and "edm-just-started" in runs_page
+    assert s.gap_fid_points == 3 + 3 + 3 + 3 + 3 and len(s.gap_fid) == 8
+
+    # CSV: the per-sigma tables and the fit table.
+    with open(tmp_path / "csv" / "fits.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    ref = next(r for r in rows if r["series"] == "reference total" and r["form"] == "subtracted")
+    assert float(ref["alpha"]) == pytest.approx(sub.alpha, rel=1e-12)
+    with open(tmp_path / "csv" / "per_sigma_final.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8 * 8  # runs with data x sigmas
+    assert {p.name for p in s.csv_files} == {"per_sigma_final.csv", "fits.csv", "runs.csv", "gap_fid.csv"}
+
+    # Logged as an artifact of the sweep run.
+    art = get_run(store["uri"], store["sweep"]).artifact_uri.removeprefix("file://")
+    assert (Path(art) / "report.pdf").read_bytes() == out.read_bytes()
+    assert (Path(art) / "report-csv" / "fits.csv").exists()
+
+    pngs = _render(out, tmp_path)
+    assert len(pngs) == len(s.pages) and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_report_is_byte_identical_when_built_twice(store, tmp_path):
+    a = build_report(EXPERIMENT, tmp_path / "a.pdf", uri=store["uri"], **FAST)
+    b = build_report(EXPERIMENT, tmp_path / "b.pdf", uri=store["uri"], **FAST)
+    assert a.pages == b.pages
+    assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()
+
+
+def test_no_runs_is_a_clear_error(store, tmp_path):
+    with pytest.raises(NoRunsError, match="only-a-sweep-parent"):
+        build_report("only-a-sweep-parent", tmp_path / "r.pdf", uri=store["uri"])
+    with pytest.raises(EdmOptError, match="no-such-experiment"):
+        build_report("no-such-experiment", tmp_path / "r.pdf", uri=store["uri"])
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_single_run_without_fid_and_too_few_points(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_synthetic_run(uri, "single", SyntheticRun("edm-only", steps=2, fid_every=None))
+    s = build_report("single", tmp_path / "r.pdf", csv_dir=tmp_path / "csv", uri=uri, **FAST)
+    texts = _pdf_text(tmp_path / "r.pdf")
+    assert len(texts) == len(s.pages) == 12
+    fid = _page(texts, s.pages, "FID and KID")
+    assert "No FID logged for any run" in fid
+    assert any("no run has FID" in m for m in s.missing)
+    assert s.reference.fits is None and "only 2 logged points" in s.reference.note
+    assert "only 2 logged points" in _page(texts, s.pages, "Scaling of the reference total")
+    assert "Only one schedule" in _page(texts, s.pages, "Schedules at equal compute")
+    assert "Missing: no run has FID" in " ".join(s.summary)
+    with open(tmp_path / "csv" / "fits.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert len(rows) == 1 + 9 and {len(r) for r in rows} == {len(rows[0])}  # no fits: one row per series
+    assert rows[1][0] == "reference total" and "only 2 logged points" in rows[1][-1]
+    assert len(_render(tmp_path / "r.pdf", tmp_path)) == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# Two real tiny training runs
+
+
+@pytest.mark.slow
+def test_report_from_two_real_training_runs(tmp_path):
+    env = {**os.environ, "EDM_OPT_CACHE": str(tmp_path / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for schedule in ("edm", "optimal"):
+        subprocess.run([sys.executable, str(REPO / "runners" / "train.py"), "--preset", "edm2-nano",
+                        "--schedule", schedule, "--duration", "2Ki", "--status-every", "512", "--snapshot-every",
+                        "2Ki", "--batch", "64", "--sigmas", "0.002:80:8", "--heldout-per-sigma", "16",
+                        "--experiment", "real"], cwd=tmp_path, env=env, check=True, timeout=1200,
+                       capture_output=True)
+    s = build_report("real", tmp_path / "real.pdf", csv_dir=tmp_path / "csv",
+                     uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **FAST)
+    texts = _pdf_text(tmp_path / "real.pdf")
+    assert len(texts) == len(s.pages) == 12
+    assert s.runs == s.runs_with_data == 2 and s.runs_with_fid == 0
+    exp = collect_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "real")
+    assert all(r.source == "per_sigma.json" and list(r.nimg) == [512, 1024, 1536, 2048] for r in exp.runs)
+    assert {r.schedule for r in exp.runs} == {"edm", "optimal"}
+    assert "digits" in texts[0] and "cdol" in texts[0]
+    scaling = _page(texts, s.pages, "Scaling of the reference total")
+    if s.reference.fits is not None and not np.isnan(s.reference.fits.subtracted.alpha):
+        assert fmt(s.reference.fits.subtracted.alpha) in scaling
+    assert "No FID logged" in _page(texts, s.pages, "FID and KID")
+    assert len(_render(tmp_path / "real.pdf", tmp_path)) == 12
