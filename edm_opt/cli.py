@@ -319,6 +319,66 @@ def report(experiment, sweep_run_id, out, csv_dir, bootstrap, sigma_bootstrap):
 
 
 # --------------------------------------------------------------------------------------------------
+# edm-opt diagnose
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--data", "source", default=None, help=f"Training data of the model: {DATA_HELP}. [default: the run's]")
+@click.option("--jstar", default="auto", show_default=True, help="J* table, or auto (the run's own, else cDOL).")
+@click.option("--target", type=click.Choice(["x0", "eps", "v", "fm", "F"]), default="x0", show_default=True,
+              help="module:factory models: the native output (fm: velocity eps - x0; F: EDM's raw network).")
+@click.option("--precond", type=click.Choice(["edm", "ve", "vp", "fm"]), default="edm", show_default=True,
+              help="module:factory models: input scaling c_in (vp: the VP process's x_t; fm: flow matching's x_t).")
+@click.option("--sigmas", default=None, help="MIN:MAX:COUNT [default: the J* table's grid, 0.002:80:32].")
+@click.option("--images", "per_sigma", type=int, default=None, help="Held-out images per sigma [default: the run's, 64].")
+@click.option("--out", type=click.Path(file_okay=False), default="diagnose-out", show_default=True)
+@click.option("--preset", default=None, help="State-dict models: the network preset to build.")
+@click.option("--network-kwargs", default=None, help="State-dict models: constructor overrides as JSON.")
+@click.option("--snapshot", default="latest", show_default=True, help="Run directories: latest or an image count.")
+@click.option("--resolution", type=int, default=None, help="Pad or resize the data to RxR.")
+@click.option("--class-conditional/--unconditional", default=None, help="[default: the model's]")
+@click.option("--test-data", default=None, help="Test images for the generalisation check [default: IDX t10k].")
+@click.option("--samples", type=int, default=0, show_default=True,
+              help="Generate N samples and measure their nearest-neighbour distance ratio (memorisation).")
+@click.option("--steps", type=int, default=32, show_default=True, help="Heun steps for --samples.")
+@click.option("--threshold", type=float, default=1 / 3, show_default=True, help="Ratio below which a sample is a copy.")
+@click.option("--run-id", default=None, help="Log into this MLflow run (keys diagnose/*) instead of a new one.")
+@click.option("--runs", "runs_experiment", default=None, metavar="EXPERIMENT",
+              help="Instead of a model: correlation of the per-sigma gap with FID across the experiment's snapshots.")
+@click.option("--sweep", "sweep_run_id", default=None, help="With --runs: only this sweep's runs.")
+@device_option
+def diagnose(model, source, jstar, target, precond, sigmas, per_sigma, out, preset, network_kwargs, snapshot,
+             resolution, class_conditional, test_data, samples, steps, threshold, run_id, runs_experiment,
+             sweep_run_id, device):
+    """Where is MODEL far from the optimum? Per-sigma held-out loss against J*, gap, memorisation.
+
+    \b
+    MODEL: an edm-opt run directory or snapshot; an official EDM2/EDM state dict (with --preset);
+    or package.module:factory returning a module (c_in x, sigma, labels) -> native output (--target, --precond).
+    Writes OUT/diagnose.json and OUT/diagnose.png and logs to MLflow (experiment `diagnose`, or --run-id).
+    """
+    from .diagnose import gap_fid_report, run_diagnosis
+
+    if runs_experiment:
+        from .tracking import default_tracking_uri
+
+        gap_fid_report(default_tracking_uri(), runs_experiment, Path(out), sweep_run_id, echo=click.echo)
+        return
+    if not model:
+        raise click.UsageError("give a MODEL, or --runs EXPERIMENT")
+    kwargs = None
+    if network_kwargs:
+        try:
+            kwargs = json.loads(network_kwargs)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--network-kwargs") from None
+    run_diagnosis(model, source, Path(out), jstar, sigmas, per_sigma, target, precond, preset, kwargs, snapshot,
+                  resolution, class_conditional, test_data, samples, steps, threshold, run_id,
+                  resolve_device(device), echo=click.echo)
+
+
+# --------------------------------------------------------------------------------------------------
 # edm-opt data
 
 

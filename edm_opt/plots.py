@@ -116,3 +116,50 @@ def save_image_grid(images, path: str | os.PathLike, columns: int | None = None)
     with atomic_path(path) as tmp:
         im.save(tmp, format="png")
     return path
+
+
+def plot_diagnosis(r: dict, path: str | os.PathLike) -> Path:
+    """`edm-opt diagnose`: held-out loss (train, and test if any) against J*, and the gap, per sigma."""
+    s = np.asarray(r["sigmas"])
+    loss, se, jstar = np.asarray(r["loss_x0"]), np.asarray(r["stderr"]), np.asarray(r["jstar"])
+    fig, (ax, ax2) = figure(1, 2, figsize=(11, 4.2))
+    floor = 1e-7
+    ax.loglog(s, np.maximum(jstar, floor), "k--", lw=1.2, label="J* (optimal, training set)")
+    ax.errorbar(s, np.maximum(loss, floor), yerr=2 * se, marker=".", capsize=2, label="held-out training images")
+    if "test_loss_x0" in r:
+        ax.loglog(s, np.maximum(np.asarray(r["test_loss_x0"]), floor), marker="x", ls=":", label="test images")
+    ax.axvline(r["sigma_star"], color="grey", ls=":", lw=1)
+    ax.set(xlabel="sigma (VE)", ylabel="x0 MSE per dimension", title=r["model"][:60])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.semilogx(s, loss - jstar, marker=".", label="gap J_sigma - J*_sigma")
+    ax2.fill_between(s, loss - jstar - 2 * se, loss - jstar + 2 * se, alpha=0.2, lw=0)
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set(xlabel="sigma (VE)", ylabel="gap (x0 MSE per dimension)",
+            title=f"largest gap at sigma = {r['largest_gap']['sigma']:.3g}")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_gap_fid(points, corr, path: str | os.PathLike) -> Path:
+    """Per-sigma correlation of gap and FID across snapshots, and the scatter at the strongest sigma."""
+    from .diffusion import sigma_key
+
+    fig, (ax, ax2) = figure(1, 2, figsize=(11, 4.2))
+    s = [c.sigma for c in corr]
+    ax.semilogx(s, [c.pearson for c in corr], marker=".", label="Pearson")
+    ax.semilogx(s, [c.spearman for c in corr], marker="x", ls=":", label="Spearman")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="sigma (VE)", ylabel="correlation of gap_sigma with FID", ylim=(-1.05, 1.05),
+           title=f"{len(points)} snapshots")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    finite = [c for c in corr if np.isfinite(c.pearson)]
+    if finite:
+        best = max(finite, key=lambda c: abs(c.pearson))
+        k = sigma_key(best.sigma)
+        ax2.scatter([p.gap[k] for p in points if k in p.gap], [p.fid for p in points if k in p.gap], s=12)
+        ax2.set(xlabel=f"gap at sigma = {k}", ylabel="FID", title=f"strongest: Pearson {best.pearson:.3f}")
+        ax2.grid(True, alpha=0.3)
+    return save_figure(fig, path)
