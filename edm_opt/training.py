@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -159,9 +160,16 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     prior = run.read_info() if run.exists() else None
     if prior is not None:
         _check_resume(r, prior, dataset, run)
-    # J* before the process group: rank 0 estimates into the cache, the others wait for the file
-    jstar, jstar_path = resolve_jstar(r.jstar, dataset, grid, r.class_conditional, device=env.device,
-                                      progress=env.is_main, wait=not env.is_main and r.jstar == "auto")
+    # J* before the process group: rank 0 estimates into the cache, the others wait for the file; on CPU
+    # rank 0 takes every core meanwhile (torchrun gives each rank OMP_NUM_THREADS=1)
+    threads = torch.get_num_threads()
+    if env.is_main and env.device.type == "cpu":
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+    try:
+        jstar, jstar_path = resolve_jstar(r.jstar, dataset, grid, r.class_conditional, device=env.device,
+                                          progress=env.is_main, wait=not env.is_main and r.jstar == "auto")
+    finally:
+        torch.set_num_threads(threads)
     D.init(env)
     try:
         return Trainer(r, env, dataset, grid, jstar, Path(jstar_path), run, prior, echo).run()
