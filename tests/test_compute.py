@@ -8,13 +8,7 @@ from edm_opt.compute import count_parameters, flops_per_image
 from edm_opt.networks import build_network
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: one thread is as fast, and immune to a busy second core (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.py
 
 
 class OneConv(nn.Module):

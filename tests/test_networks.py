@@ -13,13 +13,7 @@ from edm_opt.networks.edm2 import Block, MPConv, MPFourier, mp_cat, mp_silu, mp_
 from edm_opt.networks.presets import PRESETS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: one thread is as fast, and immune to a busy second core (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.py
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SMALL = dict(img_resolution=16, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2),

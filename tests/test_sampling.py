@@ -7,13 +7,7 @@ from edm_opt.networks import build_network
 from edm_opt.sampling import PerSampleGenerator, euler_sample, generate, heun_sample, time_steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: one thread is as fast, and immune to a busy second core (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.py
 
 S = 0.5  # data standard deviation of the Gaussian test data N(0, S^2 I)
 
