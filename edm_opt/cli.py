@@ -452,18 +452,85 @@ def networks(resolution, channels, flops):
 
 
 # --------------------------------------------------------------------------------------------------
+# edm-opt sweep
+
+
+@main.group()
+def sweep():
+    """Grids of training runs from a YAML file (format: sweeps/README.md), resumable, one MLflow parent run.
+
+    \b
+      edm-opt sweep run sweeps/scaling-digits.yaml --dry-run   # cells and their command lines
+      edm-opt sweep run sweeps/scaling-digits.yaml             # again: finished cells skipped, others resumed
+      edm-opt sweep status sweeps/scaling-digits.yaml          # state, images, gap/ref_total, fid per cell
+    """
+
+
+@sweep.command("run")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Check the file and list the cells, run names, directories and "
+                                              "command lines; run nothing.")
+@click.option("--cells", default=None, metavar="SPEC",
+              help="Only these cells: 1-based indices, ranges or run names, e.g. 3,5-6 (one job per node on a "
+                   "cluster with a tracking server).")
+def sweep_run(file, dry_run, cells):
+    """Run the cells of sweep FILE one after another (each an `edm-opt train` run, a child MLflow run).
+
+    Finished cells are skipped, unfinished ones resume from their newest checkpoint; a failing cell is
+    recorded FAILED with its log and the sweep goes on (exit status 1 at the end). Ctrl-C or SIGTERM asks the
+    running cell to checkpoint and stops (exit status 130): run the same command to resume.
+    """
+    from .sweep import format_plan, load_sweep, run_sweep, select_cells
+
+    s = load_sweep(file)
+    chosen = select_cells(s, cells) if cells else None
+    if dry_run:
+        click.echo(format_plan(s, chosen))
+        return
+    result = run_sweep(s, echo=click.echo, cells=chosen)
+    if result.stopped:
+        sys.exit(130)
+    if result.failed:
+        n = len(s.cells) if chosen is None else len(chosen)
+        raise click.ClickException(f"{len(result.failed)} of {n} cells failed (logs in {s.folder})")
+
+
+@sweep.command("status")
+@click.argument("file", type=click.Path(dir_okay=False))
+def sweep_status(file):
+    """Print a table of the cells of sweep FILE: state, images trained, final gap/ref_total and FID."""
+    from .sweep import cell_statuses, format_status, load_sweep
+
+    s = load_sweep(file)
+    click.echo(format_status(s, cell_statuses(s)))
+
+
+# --------------------------------------------------------------------------------------------------
 # edm-opt demo
 
 
 @main.command()
 @click.option("--data", "source", default="digits", show_default=True, help=f"Training data: {DATA_HELP}.")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
-              help="Where the demo writes its tables, figures and report.")
-def demo(source, out):
-    """The whole edm-opt story on one laptop CPU (what `make demo` runs)."""
-    from .demo import run_demo
+              help="Where the demo writes its tables, runs, MLflow store and report.")
+@click.option("--resolution", type=int, default=None, help="Pad or resize [default: none for digits, 32 otherwise].")
+@click.option("--duration", default=None, help="Images per training run [default: the demo sweep's, 48Ki].")
+@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), default=None,
+              help="Sweep file to train [default: sweeps/demo.yaml]; its data, resolution and outdir are replaced.")
+@click.option("--fid-images", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Generated images per final model for FID/KID.")
+@click.option("--fid-ref-images", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Training images in the FID/KID reference.")
+def demo(source, out, resolution, duration, sweep_file, fid_images, fid_ref_images):
+    """The whole edm-opt study on one laptop CPU (what `make demo` runs; ~15 min on 2 cores for digits).
 
-    run_demo(source, Path(out))
+    J*_sigma (full vs cDOL), a sweep of 3 model sizes x {edm2, optimal} trained with torchrun, FID/KID of
+    each final model, the PDF scaling report and a summary table. Run again: finished work is reused.
+    """
+    from .demo import SWEEP_FILE, run_demo
+
+    run_demo(source, Path(out), resolution, sweep_file=Path(sweep_file) if sweep_file else SWEEP_FILE,
+             duration=duration, fid_images=fid_images, fid_ref_images=fid_ref_images)
 
 
 if __name__ == "__main__":  # pragma: no cover

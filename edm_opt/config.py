@@ -165,15 +165,15 @@ class TrainConfig:
         return [k for k in keys if json.dumps(mine.get(k), default=str) != json.dumps(stored.get(k), default=str)]
 
 
-def load_yaml(path: str | Path) -> dict:
-    """A YAML mapping of options; a clear error naming the file otherwise."""
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping (`what` names the file in errors: "config file", "sweep file"); a clear error otherwise."""
     import yaml
 
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise ConfigError(f"{what} {path} not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML ({e})") from None
     if d is None:
