@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import traceback
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ class Stage:
     @contextmanager
     def __call__(self, title: str):
         self.count += 1
-        slug = title.split(":")[0].lower().replace(" ", "-").replace("*", "star")
+        slug = re.sub(r"[^a-z0-9]+", "-", title.split(":")[0].split("(")[0].lower().replace("*", "star")).strip("-")
         self.log = self.logs / f"{self.count}-{slug}.log"
         self.log.write_text("")
         t0 = time.perf_counter()
