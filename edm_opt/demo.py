@@ -26,7 +26,7 @@ import click
 from . import EdmOptError
 
 DEMO_SUBSET = 256  # cDOL subset size of the demo: small enough that cDOL visibly differs from the full estimator
-DEMO_QUERIES = 4096  # J* queries per sigma on large data (digits uses the default 2N = 3594)
+DEMO_QUERIES = 2048  # J* queries per sigma on large data (digits uses the default 2N = 3594); full: N x M
 FID_IMAGES, FID_REF_IMAGES = 256, 1000
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "sweeps" / "demo.yaml"
 
@@ -159,8 +159,11 @@ def sweep_stage(stage: Stage, sweep):
     from .sweep import run_sweep
 
     result = run_sweep(sweep, echo=stage.echo)
-    if result.failed or result.stopped:
-        raise EdmOptError(f"{len(result.failed)} cell(s) failed or the sweep was stopped; cell logs in {sweep.folder}")
+    if result.stopped:
+        raise EdmOptError("the sweep was stopped (the running cell saved a checkpoint); run the same command again "
+                          "to resume")
+    if result.failed:
+        raise EdmOptError(f"{len(result.failed)} cell(s) failed: {', '.join(result.failed)}; cell logs in {sweep.folder}")
     return result
 
 
