@@ -90,7 +90,8 @@ def main():
           f"ratio {min(t_est) / min(t_gemm):.3f} (target <= 1.3)")
 
     if args.skip_fashion or not Path(args.fashion).exists():
-        print(f"[cdol] skipped ({args.fashion} not found: apt-get install dataset-fashion-mnist)")
+        why = "--skip-fashion" if args.skip_fashion else f"{args.fashion} not found: apt-get install dataset-fashion-mnist"
+        print(f"[cdol] skipped ({why})")
         return
     from edm_opt.data import load_dataset
 
