@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import EdmOptError, __version__
+from .demo import FID_IMAGES, FID_REF_IMAGES, SWEEP_FILE
 
 DATA_HELP = ("'digits' (built in), a directory of IDX files (e.g. /usr/share/datasets/fashion-mnist), "
              "a *-ubyte[.gz] file, an EDM .zip or folder of PNGs, a .npz, or the CIFAR-10 python tarball")
@@ -517,9 +518,9 @@ def sweep_status(file):
 @click.option("--duration", default=None, help="Images per training run [default: the demo sweep's, 48Ki].")
 @click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False), default=None,
               help="Sweep file to train [default: sweeps/demo.yaml]; its data, resolution and outdir are replaced.")
-@click.option("--fid-images", type=click.IntRange(min=2), default=256, show_default=True,
+@click.option("--fid-images", type=click.IntRange(min=2), default=FID_IMAGES, show_default=True,
               help="Generated images per final model for FID/KID.")
-@click.option("--fid-ref-images", type=click.IntRange(min=2), default=1000, show_default=True,
+@click.option("--fid-ref-images", type=click.IntRange(min=2), default=FID_REF_IMAGES, show_default=True,
               help="Training images in the FID/KID reference.")
 def demo(source, out, resolution, duration, sweep_file, fid_images, fid_ref_images):
     """The whole edm-opt study on one laptop CPU (what `make demo` runs; ~15 min on 2 cores for digits).
@@ -527,7 +528,7 @@ def demo(source, out, resolution, duration, sweep_file, fid_images, fid_ref_imag
     J*_sigma (full vs cDOL), a sweep of 3 model sizes x {edm2, optimal} trained with torchrun, FID/KID of
     each final model, the PDF scaling report and a summary table. Run again: finished work is reused.
     """
-    from .demo import SWEEP_FILE, run_demo
+    from .demo import run_demo
 
     run_demo(source, Path(out), resolution, sweep_file=Path(sweep_file) if sweep_file else SWEEP_FILE,
              duration=duration, fid_images=fid_images, fid_ref_images=fid_ref_images)

@@ -69,19 +69,21 @@ def run_demo(source: str, out: Path, resolution: int | None = None, sweep_file: 
     `sweep_file` is the sweep to train (its data, resolution, outdir and name are replaced); `duration`
     (images, e.g. 48Ki) overrides its training length.
     """
+    from .config import load_yaml
     from .data import load_dataset
 
-    out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # the sweep's torchrun cells inherit it
     t_start = time.perf_counter()
-    stage = Stage(out)
+    doc = load_yaml(sweep_file, "sweep file")  # bad input fails before anything is loaded or written
     if resolution is None and source != "digits":
         resolution = 32  # e.g. Fashion-MNIST 28x28 padded to 32x32
     dataset = load_dataset(source, resolution, progress=True)
     tag = "digits" if source == "digits" else Path(dataset.spec.source).name.replace("_", "-")
-    sweep = demo_sweep(dataset, out, tag, sweep_file, duration)
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = demo_sweep(doc, sweep_file, dataset, out, tag, duration)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the sweep's torchrun cells inherit it
+    stage = Stage(out)
 
     with stage("J*_sigma of the data: the full estimator against cDOL"):
         jstar_stage(stage, dataset, out)
@@ -128,17 +130,14 @@ def jstar_stage(stage: Stage, dataset, out: Path) -> None:
                f"(M = {full.meta['params']['num_samples']} queries per sigma); plot {plot}")
 
 
-def demo_sweep(dataset, out: Path, tag: str, sweep_file: Path, duration: str | None):
-    """`sweep_file` on the demo's data, written to `<out>/<name>.yaml` and checked (before anything runs)."""
+def demo_sweep(doc: dict, sweep_file: Path, dataset, out: Path, tag: str, duration: str | None):
+    """The sweep `doc` (read from `sweep_file`) on the demo's data, written to `<out>/<name>.yaml` and checked
+    before anything runs; an invalid one is not left behind."""
     import yaml
 
-    from .config import load_yaml
     from .fileio import atomic_path
     from .sweep import load_sweep
 
-    if not Path(sweep_file).exists():
-        raise EdmOptError(f"sweep file {sweep_file} not found (the default runs from an edm-opt checkout: make demo)")
-    doc = load_yaml(sweep_file, "sweep file")
     base = doc.get("base") or {}
     if not isinstance(base, dict):
         raise EdmOptError(f"{sweep_file}: base must be a mapping of training options")
@@ -148,11 +147,15 @@ def demo_sweep(dataset, out: Path, tag: str, sweep_file: Path, duration: str | N
         base["resolution"] = dataset.spec.resolution
     if duration is not None:
         base["duration"] = duration
-    doc.update(name=name, experiment=name, base=base)
+    doc = {**doc, "name": name, "experiment": name, "base": base}
     path = out / f"{name}.yaml"
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return load_sweep(path)
+    try:
+        return load_sweep(path)
+    except EdmOptError as e:  # name the user's file, not the copy
+        path.unlink()
+        raise EdmOptError(str(e).replace(str(path), str(sweep_file))) from None
 
 
 def sweep_stage(stage: Stage, sweep):

@@ -274,12 +274,13 @@ class _Points:
 
     def __init__(self, x: torch.Tensor, device: torch.device):
         self.mean = x.mean(0, dtype=torch.float64)  # float64 [D]
-        xcd = (x - self.mean.float()).double()  # centred (the posterior is shift-invariant), float32 values
+        xc = x - self.mean.float()  # centred (the posterior is shift-invariant), float32
+        xcd = xc.double()
         half_sq = -0.5 * torch.einsum("nd,nd->n", xcd, xcd)  # exact for the float32 coordinates actually used
         hi = half_sq.float()
         lo = (half_sq - hi.double()).float()  # hi + lo carries -||x||^2/2 to ~1e-14: a one-hot posterior cancels exactly
         # P = [x, -||x||^2/2 (hi), 1, -||x||^2/2 (lo)]: logits and softmax moments are both GEMMs against P.
-        self.p = torch.cat([xcd.float(), hi[:, None], torch.ones_like(hi)[:, None], lo[:, None]], 1).to(device)
+        self.p = torch.cat([xc, hi[:, None], torch.ones_like(hi)[:, None], lo[:, None]], 1).to(device)
         # ||x_n||^2 in the data's coordinates (paired form), float64: ||xc||^2 + 2 xc.mean + ||mean||^2
         self.sq_orig = -2 * half_sq + 2 * (xcd @ self.mean) + self.mean @ self.mean
         self.n, self.dim = x.shape

@@ -355,7 +355,10 @@ class CellStatus:
 
 def _store_exists(uri: str) -> bool:
     """False for a SQLite store that does not exist yet (reading must not create it)."""
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+    from .tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    return db is None or db.exists()
 
 
 def _records(uri: str, experiment: str, filter_string: str = "") -> list:

@@ -61,13 +61,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` tracking URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def get_or_create_experiment(client, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    db = sqlite_path(uri)
+    if db is not None:
         location = str(db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", name))
     try:
         return client.create_experiment(name, artifact_location=location)

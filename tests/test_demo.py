@@ -65,3 +65,4 @@ def test_demo_names_a_missing_sweep_file(tmp_path):
     p = subprocess.run([sys.executable, "-m", "edm_opt.cli", "demo", "--out", str(tmp_path / "o"),
                         "--sweep", str(tmp_path / "nope.yaml")], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 1 and "nope.yaml" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
