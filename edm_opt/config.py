@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     compile: bool = False
-    # measurement cadence (images; None = duration/64, /8, /16 rounded to whole batches)
+    # measurement cadence (images; None = duration/64 (with a floor: training.heldout_floor), /8, /16, whole batches)
     status_every: int | None = None
     snapshot_every: int | None = None
     checkpoint_every: int | None = None

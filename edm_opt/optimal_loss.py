@@ -253,7 +253,7 @@ def estimate_optimal_loss(data: torch.Tensor, sigmas, estimator: str = "full", n
         "class_conditional": labels is not None,
         "num_images": n_total,
         "dim": dim,
-        "data_variance": float(x.var(0, unbiased=False).double().mean()),  # float32 two-pass, ~1e-7 relative
+        "data_variance": _total_variance(points),
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "device": str(device),
         "edm_opt_version": __version__,
@@ -270,21 +270,46 @@ def _correction_meta(estimator, correction, n, size):
 
 
 class _Points:
-    """One group of data points (all, or one class) prepared for the GEMMs."""
+    """One group of data points (all, or one class) prepared for the GEMMs.
+
+    Built in one float32 copy plus float64 passes over row chunks held in cache: whole-matrix float64 copies
+    cost more (page faults, memory traffic) than the estimator's GEMMs at small M.
+    """
+
+    ROWS = 1024  # rows per float64 chunk
 
     def __init__(self, x: torch.Tensor, device: torch.device):
-        self.mean = x.mean(0, dtype=torch.float64)  # float64 [D]
-        xc = x - self.mean.float()  # centred (the posterior is shift-invariant), float32
-        xcd = xc.double()
-        half_sq = -0.5 * torch.einsum("nd,nd->n", xcd, xcd)  # exact for the float32 coordinates actually used
+        self.n, self.dim = n, d = x.shape
+        mean_f = x.sum(0) / n  # float32; any centre works (the posterior is shift-invariant) if used consistently
+        self.mean = mean_f.double()  # float64 [D]
+        # P = [x - mean, -||x - mean||^2/2 (hi), 1, -||x - mean||^2/2 (lo)]: logits and softmax moments are
+        # both GEMMs against P; hi + lo carries the float64 value to ~1e-14, so a one-hot posterior cancels exactly.
+        p = torch.empty(n, d + 3)
+        half_sq = torch.empty(n, dtype=torch.float64)
+        dot = torch.empty(n, dtype=torch.float64)
+        buf = torch.empty(min(self.ROWS, n), d, dtype=torch.float64)
+        for j in range(0, n, self.ROWS):
+            xc = torch.sub(x[j: j + self.ROWS], mean_f, out=p[j: j + self.ROWS, :d])
+            xcd = buf[: xc.shape[0]].copy_(xc)  # exact: float32 -> float64
+            half_sq[j: j + self.ROWS] = torch.einsum("nd,nd->n", xcd, xcd).mul_(-0.5)
+            torch.mv(xcd, self.mean, out=dot[j: j + self.ROWS])
         hi = half_sq.float()
-        lo = (half_sq - hi.double()).float()  # hi + lo carries -||x||^2/2 to ~1e-14: a one-hot posterior cancels exactly
-        # P = [x, -||x||^2/2 (hi), 1, -||x||^2/2 (lo)]: logits and softmax moments are both GEMMs against P.
-        self.p = torch.cat([xc, hi[:, None], torch.ones_like(hi)[:, None], lo[:, None]], 1).to(device)
+        p[:, d] = hi
+        p[:, d + 1] = 1.0
+        p[:, d + 2] = (half_sq - hi.double()).float()
+        self.p, self.device = p.to(device), device
         # ||x_n||^2 in the data's coordinates (paired form), float64: ||xc||^2 + 2 xc.mean + ||mean||^2
-        self.sq_orig = -2 * half_sq + 2 * (xcd @ self.mean) + self.mean @ self.mean
-        self.n, self.dim = x.shape
-        self.device = device
+        self.sq_orig = -2 * half_sq + 2 * dot + self.mean @ self.mean
+        mean_c = p[:, :d].sum(0).double() / n  # E[x - mean], ~1e-8 (float32 rounding of the centre)
+        self.variance = float((-2 * half_sq.mean() - mean_c @ mean_c) / d)  # per dimension, population
+        self.centre = self.mean + mean_c  # the exact data mean, float64 (for the total variance over groups)
+
+
+def _total_variance(points: list["_Points"]) -> float:
+    """Per-dimension data variance from the groups' own: within plus between groups (law of total variance)."""
+    n = sum(pt.n for pt in points)
+    mu = sum(pt.n * pt.centre for pt in points) / n
+    return float(sum(pt.n * (pt.variance + (pt.centre - mu).square().sum().item() / pt.dim) for pt in points) / n)
 
 
 def _block_rng(seed_key: tuple, block: int) -> torch.Generator:
@@ -329,11 +354,10 @@ def _queries(pts: _Points, sigma: float, src: torch.Tensor, eps: torch.Tensor) -
     return lhs
 
 
-def _exp_underflow_zero_(g: torch.Tensor) -> torch.Tensor:
-    """exp in place for logits shifted to max 0; arguments below -87 (float32 underflow, where CPU exp takes a
-    ~10x slower path) give exactly 0 (their true weights are < 1.7e-38 of the largest)."""
-    far = g < -87.0
-    return g.clamp_min_(-87.0).exp_().masked_fill_(far, 0.0)
+def _exp_clamped_(g: torch.Tensor) -> torch.Tensor:
+    """exp in place of logits shifted to max 0, clamped at -87: below it (float32 underflow) CPU exp takes a
+    ~10x slower path, and a weight of e^-87 = 1.6e-38 of the largest is as good as 0 in float32 sums."""
+    return g.clamp_min_(-87.0).exp_()
 
 
 def _full_block(pts: _Points, sigma: float, src, eps, cuda: bool) -> torch.Tensor:
@@ -346,7 +370,7 @@ def _full_block(pts: _Points, sigma: float, src, eps, cuda: bool) -> torch.Tenso
         p = pts.p[j: j + chunk]
         g = lhs @ p.T  # logits up to a per-query constant: (q.x - ||x||^2/2) / sigma^2
         new_max = torch.maximum(row_max, g.amax(1))
-        w = _exp_underflow_zero_(g.sub_(new_max[:, None]))
+        w = _exp_clamped_(g.sub_(new_max[:, None]))
         acc.mul_(torch.exp(row_max - new_max).double()[:, None]).add_((w @ p).double())
         row_max = new_max
     s0 = acc[:, pts.dim + 1]
@@ -369,7 +393,7 @@ def _subset_block(pts: _Points, sigma: float, src, eps, subset, estimator: str, 
         p_src = pts.p[src_d].double()
         g_src = (lhs.double() * p_src).sum(1) - math.log(corr if estimator == "cdol" else 1.0)
         row_max = torch.maximum(row_max, g_src)
-    w = _exp_underflow_zero_(g - row_max[:, None].float())
+    w = _exp_clamped_(g - row_max[:, None].float())
     acc = (w @ p_r).double()
     if estimator in ("dol", "cdol"):
         acc += torch.exp(g_src - row_max)[:, None] * p_src

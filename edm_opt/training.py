@@ -27,6 +27,8 @@ from .diffusion import LogNormal, parse_sigmas, sigma_key
 from .fileio import write_json
 
 STATUS_POINTS, SNAPSHOT_POINTS, CHECKPOINT_POINTS = 64, 8, 16  # default intervals: duration / these
+HELDOUT_SHARE = 0.05  # the default status interval keeps held-out evaluation under this share of the run
+FORWARD_COST = 1 / 3  # a held-out forward pass, in training images (forward + backward + optimiser step)
 WARMUP_CAP = 0.05  # the lr warm-up never exceeds 5% of the run (method.md section 6)
 
 
@@ -75,19 +77,32 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     from .ema import parse_profiles
 
     parse_profiles(r.ema)
-    parse_sigmas_checked(r.sigmas)
     world = D.read_env("cpu").world_size
     if r.batch % world:
         raise ConfigError(f"batch {r.batch} is not divisible by the {world} ranks")
     per_rank = r.batch // world
     if r.batch_gpu is not None and per_rank % min(int(r.batch_gpu), per_rank):
         raise ConfigError(f"batch_gpu {r.batch_gpu} must divide the per-rank batch {per_rank}")
-    for key, points in (("status_every", STATUS_POINTS), ("snapshot_every", SNAPSHOT_POINTS),
-                        ("checkpoint_every", CHECKPOINT_POINTS)):
-        value = getattr(r, key) or r.duration / points
+    grid_size = len(parse_sigmas_checked(r.sigmas))
+    status_points = min(STATUS_POINTS, max(1, int(r.duration // heldout_floor(grid_size, r.heldout_per_sigma))))
+    defaults = {"status_every": r.duration / status_points,
+                "snapshot_every": r.duration / SNAPSHOT_POINTS, "checkpoint_every": r.duration / CHECKPOINT_POINTS}
+    for key, default in defaults.items():
+        value = getattr(r, key) or default
         setattr(r, key, max(r.batch, int(round(value / r.batch)) * r.batch))
     r.run_name = r.run_name or r.default_run_name()
     return r
+
+
+def heldout_floor(grid_size: int, per_sigma: int) -> float:
+    """Shortest default status interval, in images: one held-out evaluation (EMA and raw weights, grid_size x
+    per_sigma forward passes each) costs at most HELDOUT_SHARE of the training between two evaluations.
+
+    The default is duration/64 for long runs; below ~1.7Mi images (32 sigmas x 64 images) it is duration/k with
+    the largest k that respects this floor, so a short CPU run gets fewer, evenly spaced, equally precise curve
+    points (the last at the end of the run) instead of spending half its time evaluating.
+    """
+    return 2 * grid_size * per_sigma * FORWARD_COST / HELDOUT_SHARE
 
 
 def parse_sigmas_checked(spec: str) -> np.ndarray:

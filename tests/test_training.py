@@ -233,3 +233,23 @@ def test_tracking_server_outage_loses_no_metric(tmp_path):
         assert len(c.get_metric_history(r.info.run_id, f"loss_x0/sigma_{sigma_key(80)}")) == 32
     finally:
         stop(server)
+
+
+def test_default_status_interval_bounds_heldout_share():
+    """duration/64 for long runs; short runs get the floor that keeps held-out evaluation <= 5% of the run."""
+    from edm_opt.config import TrainConfig, parse_nimg
+    from edm_opt.training import FORWARD_COST, heldout_floor, resolve_config
+
+    def status_every(**kw):
+        return resolve_config(TrainConfig(data="digits", preset="edm2-nano", **kw)).status_every
+
+    assert status_every(duration="8Mi") == parse_nimg("8Mi") // 64
+    assert heldout_floor(32, 64) == pytest.approx(2 * 32 * 64 / 3 / 0.05)
+    short = status_every(duration="64Ki")
+    assert short == parse_nimg("64Ki") // 2  # the most evenly spaced points that respect the floor: 2
+    assert status_every(duration="16Ki") == parse_nimg("16Ki")  # shorter than the floor: once, at the end
+    # cost of one evaluation in training images, against the images trained between two evaluations
+    assert 2 * 32 * 64 * FORWARD_COST / short <= 0.05
+    assert status_every(duration="64Ki", heldout_per_sigma=8) < short  # smaller held-out set, denser curve
+    assert status_every(duration="64Ki", sigmas="0.002:80:8") < short
+    assert status_every(duration="64Ki", status_every="3Ki") == 3072  # explicit wins
