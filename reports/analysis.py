@@ -153,20 +153,22 @@ def schedule_frontiers(exp: ExperimentData) -> dict[str, ScheduleFrontier]:
 
 
 def baseline_schedule(schedules: list[str]) -> str | None:
-    """`edm` if present, else the first other schedule than `optimal` (sorted), else None."""
+    """`edm` if present, else the first schedule (sorted) that is not an `optimal` series, else None."""
     if "edm" in schedules:
         return "edm"
-    return next((s for s in sorted(schedules) if s != "optimal"), None)
+    return next((s for s in sorted(schedules) if not s.startswith("optimal")), None)
 
 
 def compare_schedules(exp: ExperimentData, frontiers: dict[str, ScheduleFrontier]) -> list[ScheduleComparison]:
-    """Every schedule's frontier against the baseline's on the compute range both frontiers cover."""
-    base = baseline_schedule(list(frontiers))
-    if base is None:
-        return []
+    """Every schedule's frontier against its baseline's on the compute range both frontiers cover: an
+    `optimal` series against its own base schedule when that has runs, everything else against
+    `baseline_schedule`."""
+    general = baseline_schedule(list(frontiers))
+    base_of = {r.schedule: r.base_schedule for r in exp.runs if r.base_schedule}
     out = []
     for s, fr in frontiers.items():
-        if s == base:
+        base = base_of.get(s) if base_of.get(s) in frontiers else general
+        if base is None or s == base:
             continue
         b = frontiers[base]
         lo, hi = max(fr.f[0], b.f[0]), min(fr.f[-1], b.f[-1])

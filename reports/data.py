@@ -55,6 +55,7 @@ class RunData:
     kid: np.ndarray
     source: str
     fingerprint: str | None = None
+    base_schedule: str | None = None  # what an `optimal` run mixes with and starts from
     time_ms: int | None = None  # end (else start) time of the run, ms since the epoch
     tags: dict = field(default_factory=dict)
 
@@ -185,7 +186,19 @@ def read_run(uri: str, rec) -> RunData:
         flops_per_image=rec.metrics.get("compute/flops_per_image", h.get("flops_per_image")),
         fid=_series(uri, rec, "fid"), kid=_series(uri, rec, "kid"),
         fingerprint=rec.tags.get("edm_opt.dataset_fingerprint") or rec.params.get("data.fingerprint"),
+        base_schedule=None if rec.params.get("base_schedule") in (None, "None", "") else rec.params["base_schedule"],
         time_ms=rec.end_time or rec.start_time, tags=rec.tags, **arrays)
+
+
+def label_optimal_bases(runs: list[RunData]) -> list[RunData]:
+    """When `optimal` runs mix with more than one base schedule, name each series `optimal/<base>` (e.g.
+    optimal/edm2 and optimal/fm), so that they are neither pooled nor compared with the wrong baseline."""
+    bases = {r.base_schedule for r in runs if r.schedule == "optimal"}
+    if len(bases) > 1:
+        for r in runs:
+            if r.schedule == "optimal" and r.base_schedule:
+                r.schedule = f"optimal/{r.base_schedule}"
+    return runs
 
 
 def collect_experiment(uri: str, experiment: str, sweep_run_id: str | None = None) -> ExperimentData:
@@ -202,7 +215,7 @@ def collect_experiment(uri: str, experiment: str, sweep_run_id: str | None = Non
     if not training:
         other = f" ({len(records)} other runs: sweep parents or reports)" if records else ""
         raise NoRunsError(f"no training runs in {where}{other}")
-    runs = sorted((read_run(uri, r) for r in training),
+    runs = sorted(label_optimal_bases([read_run(uri, r) for r in training]),
                   key=lambda r: (r.schedule, r.param_count or 0, r.name, r.run_id))
     exp = ExperimentData(experiment, uri, sweep_run_id, runs,
                          sorted(r.run_name for r in records if not _is_training_run(r)), None)

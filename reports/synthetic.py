@@ -53,6 +53,7 @@ class SyntheticRun:
     noise: float = 0.002
     status: str = "FINISHED"
     preset: str = "synthetic"
+    base_schedule: str | None = None  # of an `optimal` run, logged as the training runner does
 
 
 def synthetic_history(run: SyntheticRun, sigmas: np.ndarray, jstar: np.ndarray, rng: np.random.Generator) -> dict:
@@ -100,7 +101,8 @@ def log_synthetic_run(uri: str, experiment: str, run: SyntheticRun, sigmas: np.n
     if parent_run_id:
         tags["edm_opt.sweep"] = parent_run_id
     logger = RunLogger.create(uri, experiment, run.name, tags, parent_run_id, verbose=False)
-    logger.log_params({"preset": run.preset, "schedule": run.schedule, "sigmas": f"0.002:80:{len(sigmas)}",
+    logger.log_params({"preset": run.preset, "schedule": run.schedule, "base_schedule": str(run.base_schedule),
+                       "sigmas": f"0.002:80:{len(sigmas)}",
                        "jstar.estimator": "synthetic", "jstar.ref_total": reference_total(sigmas, jstar)})
     logger.log_metrics({"model/param_count": run.param_count, "compute/flops_per_image": run.flops_per_image,
                         **{f"jstar/sigma_{sigma_key(s)}": float(j) for s, j in zip(sigmas, jstar)}}, step=0)

@@ -22,6 +22,7 @@ from edm_opt import EdmOptError
 from edm_opt.diagnose import gap_fid_points
 from edm_opt.diffusion import sigma_grid
 from edm_opt.tracking import create_run, get_run
+from reports.analysis import analyse
 from reports.build import build_report
 from reports.data import NoRunsError, collect_experiment
 from reports.synthetic import SyntheticRun, log_synthetic_run, synthetic_history, synthetic_jstar
@@ -193,6 +194,38 @@ def test_no_runs_is_a_clear_error(store, tmp_path):
     with pytest.raises(EdmOptError, match="no-such-experiment"):
         build_report("no-such-experiment", tmp_path / "r.pdf", uri=store["uri"])
     assert not (tmp_path / "r.pdf").exists()
+
+
+def test_optimal_on_two_bases_is_two_series_each_against_its_base(tmp_path):
+    """The claims sweep's layout: optimal on edm2 and optimal on fm are neither pooled nor compared with
+    the other base. Logged gaps: optimal/edm2 at 0.7x edm2, optimal/fm at 1.3x fm, fm at 1.2x edm2."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for i in range(2):
+        for schedule, base, amplitude in (("edm2", None, 1.0), ("optimal", "edm2", 0.7), ("fm", None, 1.2),
+                                          ("optimal", "fm", 1.2 * 1.3)):
+            log_synthetic_run(uri, "two-bases", SyntheticRun(f"{schedule}-{base}-{i}", schedule, 100_000 * 4 ** i,
+                              1e7 * 4 ** i, steps=6, amplitude=amplitude, fid_every=None, base_schedule=base),
+                              seed=i)
+    exp = collect_experiment(uri, "two-bases")
+    assert exp.schedules == ["edm2", "fm", "optimal/edm2", "optimal/fm"]
+    a = analyse(exp, bootstrap=0, sigma_bootstrap=0, sigma_panels=2)
+    ratio = {(c.schedule, c.baseline): c.gap_ratio for c in a.comparisons}
+    assert set(ratio) == {("fm", "edm2"), ("optimal/edm2", "edm2"), ("optimal/fm", "fm")}
+    assert ratio["optimal/edm2", "edm2"] == pytest.approx(0.7, rel=0.02)
+    assert ratio["optimal/fm", "fm"] == pytest.approx(1.3, rel=0.02)
+    assert ratio["fm", "edm2"] == pytest.approx(1.2, rel=0.02)
+
+    # One base only: the series keeps the plain name and is still compared with its own base.
+    uri1 = f"sqlite:///{tmp_path / 'one.db'}"
+    for schedule, base, amplitude in (("edm", None, 1.0), ("edm2", None, 0.9), ("optimal", "edm2", 0.9 * 0.8)):
+        log_synthetic_run(uri1, "one-base", SyntheticRun(schedule, schedule, steps=6, amplitude=amplitude,
+                                                         fid_every=None, base_schedule=base))
+    exp1 = collect_experiment(uri1, "one-base")
+    assert exp1.schedules == ["edm", "edm2", "optimal"]
+    a1 = analyse(exp1, bootstrap=0, sigma_bootstrap=0, sigma_panels=2)
+    ratio1 = {(c.schedule, c.baseline): c.gap_ratio for c in a1.comparisons}
+    assert set(ratio1) == {("edm2", "edm"), ("optimal", "edm2")}
+    assert ratio1["optimal", "edm2"] == pytest.approx(0.8, rel=0.02)
 
 
 def test_single_run_without_fid_and_too_few_points(tmp_path):
