@@ -349,10 +349,11 @@ def draw_schedule_page(exp: ExperimentData, a: Analysis, sentences: list[str]):
     if not a.comparisons:
         say_missing(ax_r, "Only one schedule: nothing to compare at equal compute.")
         return fig
-    base = a.comparisons[0].baseline
+    bases = sorted({c.baseline for c in a.comparisons})
+    base = bases[0] if len(bases) == 1 else "its baseline"
     for c in a.comparisons:
         if c.n_points:
-            ax_r.plot(c.f, c.ratio, color=colours[c.schedule], lw=1.5, label=f"{c.schedule} / {base}")
+            ax_r.plot(c.f, c.ratio, color=colours[c.schedule], lw=1.5, label=f"{c.schedule} vs {c.baseline}")
     ax_r.axhline(1, color="grey", lw=1)
     log_axes(ax_r)
     ax_r.set(xlabel="training compute f (FLOPs)", ylabel=f"gap / gap of {base}",

@@ -144,7 +144,7 @@ def schedule_sentences(a: Analysis) -> list[str]:
         verdict = "lower" if c.gap_ratio < 1 else "higher"
         out.append(f"At equal compute ({fmt(c.f_range[0])} to {fmt(c.f_range[1])} FLOPs), the {c.schedule} "
                    f"frontier reaches a {verdict} reference gap than {c.baseline}: gap ratio "
-                   f"{c.schedule}/{c.baseline} = {c.gap_ratio:.3g} (geometric mean), lower at "
+                   f"({c.schedule}) / ({c.baseline}) = {c.gap_ratio:.3g} (geometric mean), lower at "
                    f"{c.fraction_lower:.0%} of the compute grid.")
     return out
 
