@@ -172,6 +172,16 @@ def test_report_pages_numbers_csv_and_rendering(store, tmp_path):
         assert len(list(csv.DictReader(fh))) == 8 * 8  # runs with data x sigmas
     assert {p.name for p in s.csv_files} == {"per_sigma_final.csv", "fits.csv", "runs.csv", "gap_fid.csv"}
 
+    # docs/results/claims_tables.py turns the CSVs into the markdown tables of docs/results.
+    md = subprocess.run([sys.executable, str(REPO / "docs/results/claims_tables.py"), str(tmp_path / "csv")],
+                        capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "7 finished runs (unfinished runs left out: 2)" in md  # 6 + metrics-only; RUNNING, just started
+    assert all(f"| {r.name} |" in md for r in store["runs"][:-1])
+    raw_row = next(r for r in rows if r["series"] == "reference total" and r["form"] == "raw")
+    assert f"| reference total | {float(ref['jstar']):.3g} | {float(raw_row['alpha']):.4f} [" in md
+    assert f"| {float(ref['alpha']):.4f} [" in md  # the subtracted fit beside it
+    assert "| synthetic | 100,000 | edm | 1 |" in md and "| synthetic | 200,000 | edm | 1 |" in md  # over seeds, per schedule
+
     # Logged as an artifact of the sweep run.
     art = get_run(store["uri"], store["sweep"]).artifact_uri.removeprefix("file://")
     assert (Path(art) / "report.pdf").read_bytes() == out.read_bytes()

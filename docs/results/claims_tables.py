@@ -39,6 +39,11 @@ def seed_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def model(r: dict) -> tuple[str, int]:
+    """(preset, parameter count): one network size."""
+    return r["preset"], int(r["param_count"])
+
+
 def f4(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.4f}"
 
@@ -55,10 +60,10 @@ def main() -> None:
     every = read(args.csv_dir / "runs.csv")
     runs = [r for r in every if r["nimg"] and r["status"] == "FINISHED"]
     names = {r["run_name"] for r in runs}
-    size = {r["preset"]: int(r["param_count"]) for r in runs}
-    presets = sorted(size, key=size.get)
     order = {s: i for i, s in enumerate(SCHEDULES)}
-    runs.sort(key=lambda r: (seed_of(r["run_name"]), size[r["preset"]], order.get(r["schedule"], 9)))
+    runs.sort(key=lambda r: (seed_of(r["run_name"]), int(r["param_count"]), order.get(r["schedule"], 9)))
+    models = sorted({model(r) for r in runs}, key=lambda m: (m[1], m[0]))  # by size
+    schedules = sorted({r["schedule"] for r in runs}, key=lambda s: (order.get(s, len(order)), s))
     out = [f"{len(runs)} finished runs (unfinished runs left out: {len(every) - len(runs)}). KID and FID: 256 generated images against 1,000 training "
            "images (small N: KID is the more reliable, FID is biased high).", ""]
 
@@ -68,9 +73,9 @@ def main() -> None:
           f"{int(r['nimg']):,}", f4(num(r["ref_gap"])), f4(num(r["kid"])),
           "n/a" if math.isnan(num(r["fid"])) else f"{num(r['fid']):.1f}"] for r in runs]), ""]
 
-    cell = defaultdict(list)  # (preset, schedule) -> runs over seeds
+    cell = defaultdict(list)  # (model, schedule) -> runs over seeds
     for r in runs:
-        cell[r["preset"], r["schedule"]].append(r)
+        cell[model(r), r["schedule"]].append(r)
 
     def stats(rs: list[dict], key: str) -> tuple[float, float, int]:
         v = np.array([num(r[key]) for r in rs])
@@ -80,26 +85,26 @@ def main() -> None:
         return float(v.mean()), float(np.ptp(v) / v.mean()) if len(v) > 1 else math.nan, len(v)
 
     rows = []
-    for p in presets:
-        for s in SCHEDULES:
-            if (p, s) not in cell:
+    for m in models:
+        for s in schedules:
+            if (m, s) not in cell:
                 continue
-            g, gs, n = stats(cell[p, s], "ref_gap")
-            k, ks, nk = stats(cell[p, s], "kid")
-            rows.append([p, s, str(n), f4(g), "n/a" if math.isnan(gs) else f"{gs:.1%}", f4(k),
+            g, gs, n = stats(cell[m, s], "ref_gap")
+            k, ks, nk = stats(cell[m, s], "kid")
+            rows.append([m[0], f"{m[1]:,}", s, str(n), f4(g), "n/a" if math.isnan(gs) else f"{gs:.1%}", f4(k),
                          "n/a" if math.isnan(ks) else f"{ks:.1%}", str(nk)])
     out += ["### Over seeds: mean and run-to-run spread (max - min) / mean", "", table(
-        ["preset", "schedule", "seeds", "ref gap, mean", "ref gap spread", "KID, mean", "KID spread", "seeds with KID"],
+        ["preset", "params", "schedule", "seeds", "ref gap, mean", "ref gap spread", "KID, mean", "KID spread", "seeds with KID"],
         rows), ""]
 
-    by = {(r["preset"], r["schedule"], seed_of(r["run_name"])): r for r in runs}
+    by = {(model(r), r["schedule"], seed_of(r["run_name"])): r for r in runs}
     rows = []
-    for (p, s, seed), r in sorted(by.items(), key=lambda kv: (size[kv[0][0]], kv[0][1], kv[0][2])):
-        if not s.startswith("optimal/") or (b := by.get((p, s.split("/", 1)[1], seed))) is None:
+    for (m, s, seed), r in sorted(by.items(), key=lambda kv: (kv[0][0][1], kv[0][0][0], kv[0][1], kv[0][2])):
+        if not s.startswith("optimal/") or (b := by.get((m, s.split("/", 1)[1], seed))) is None:
             continue
         gr = num(r["ref_gap"]) / num(b["ref_gap"])
         kr = num(r["kid"]) / num(b["kid"])
-        rows.append([p, s, str(seed), f"{gr:.2f}", "n/a" if math.isnan(kr) else f"{kr:.2f}"])
+        rows.append([m[0], s, str(seed), f"{gr:.2f}", "n/a" if math.isnan(kr) else f"{kr:.2f}"])
     out += ["### Optimal schedule against its own base (same size, seed and training images; < 1: optimal better)",
             "", table(["preset", "schedule", "seed", "ref gap ratio", "KID ratio"], rows), ""]
 
@@ -111,13 +116,13 @@ def main() -> None:
         s = float(r["sigma"])
         near = min(SIGMAS, key=lambda x: abs(math.log(x / s)))
         if abs(math.log(near / s)) < 0.01:
-            per[r["preset"], r["schedule"], near].append(float(r["gap"]))
+            per[model(r), r["schedule"], near].append(float(r["gap"]))
             jstar[near] = float(r["jstar"])
-    for p in presets:
-        cols = [s for s in SCHEDULES if (p, s) in cell]
-        rows = [[f"{s:g}", "< 1e-6" if abs(jstar.get(s, 1.0)) < 1e-6 else f"{jstar.get(s, math.nan):.3g}"] + [f4(float(np.mean(per[p, c, s]))) if per[p, c, s]
+    for m in models:
+        cols = [s for s in schedules if (m, s) in cell]
+        rows = [[f"{s:g}", "< 1e-6" if abs(jstar.get(s, 1.0)) < 1e-6 else f"{jstar.get(s, math.nan):.3g}"] + [f4(float(np.mean(per[m, c, s]))) if per[m, c, s]
                                                                 else "n/a" for c in cols] for s in SIGMAS]
-        out += [f"### {p}: held-out gap per sigma at the last evaluation (EMA weights, mean over seeds)", "",
+        out += [f"### {m[0]} ({m[1]:,} parameters): held-out gap per sigma at the last evaluation (EMA weights, mean over seeds)", "",
                 table(["sigma", "J*"] + cols, rows), ""]
 
     fits = defaultdict(dict)  # series -> form -> row
