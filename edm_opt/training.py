@@ -444,7 +444,9 @@ class Trainer:
             img_interval += r.batch
             done = self.nimg >= r.duration
             stopping = flags[1] > 0
-            if self._crossed(r.status_every) or done or stopping:
+            # On a stop, only the checkpoint: an extra held-out evaluation could outlast torchrun's 30 s grace
+            # between SIGTERM and SIGKILL on busy cores, leaving the run RUNNING without its KILLED status.
+            if self._crossed(r.status_every) or done:
                 self._all_reduce(loss_acc)
                 self._status(lr, loss_acc[0].item() / max(loss_acc[1].item(), 1), img_interval / max(train_time, 1e-9),
                              time.perf_counter() - t_start)

@@ -145,6 +145,33 @@ def test_torchrun_two_ranks_logs_once(tmp_path):
     assert "2 rank(s)" in out.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_under_torchrun_checkpoints_and_ends_the_run_killed(tmp_path):
+    """SIGTERM to torchrun (what a sweep or a scheduler sends): the ranks stop at the end of their step with
+    a checkpoint only (no extra held-out evaluation that could outlast torchrun's grace before SIGKILL),
+    the run is KILLED, and the same command resumes it to the end with the status cadence unbroken."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    args = [torchrun, "--standalone", "--nproc_per_node=2", str(ROOT / "runners" / "train.py")] + TINY + [
+        "--duration", "8Ki", "--status-every", "1Ki", "--checkpoint-every", "512", "--snapshot-every", "8Ki"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "runs").rglob("checkpoint-*.pt")):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert "stopped at" in out, out[-3000:]
+    c, r = only_run(tmp_path)
+    assert r.info.status == "KILLED"
+    stopped = max(int(f.stem.split("-")[1]) for f in (tmp_path / "runs").rglob("checkpoint-*.pt"))
+    assert 0 < stopped < 8192
+    assert all(s % 1024 == 0 for s in steps(c, r.info.run_id, "loss/ref_total"))  # no off-cadence status
+    run(args, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    c, r2 = only_run(tmp_path)
+    assert r2.info.run_id == r.info.run_id and r2.info.status == "FINISHED"
+    assert sorted(steps(c, r.info.run_id, "loss/ref_total")) == list(range(1024, 8193, 1024))
+
+
 def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
     def fails(args, needle):
         p = run(TRAIN + args, tmp_path, check=False)
