@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+_UMASK = os.umask(0o022)  # read the process umask (setting it back at once)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; on success rename it to `dest`, on error delete it."""
+    """Yield a temporary path next to `dest`; on success rename it to `dest` (with the permissions a plain
+    open() would give, not mkstemp's 0600), on error delete it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -24,6 +29,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SIGMAS = (0.2375, 0.4732, 0.9426, 1.865, 5.192, 20.39, 80.0)  # a spread of the default 32-point grid
+SIGMAS = (0.04336, 0.1209, 0.3372, 0.9401, 1.863, 3.69, 7.31, 20.38, 80.0)  # a spread of the default 32-point grid
 SCHEDULES = ("edm2", "optimal/edm2", "fm", "optimal/fm")
 
 
