@@ -44,8 +44,8 @@ def model(r: dict) -> tuple[str, int]:
     return r["preset"], int(r["param_count"])
 
 
-def f4(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.4f}"
+def fmt(v: float, spec: str = ".4f") -> str:
+    return "n/a" if math.isnan(v) else format(v, spec)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -57,6 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv_dir", type=Path, help="the folder of `edm-opt report --csv`")
     args = ap.parse_args()
+    missing = [n for n in ("runs.csv", "per_sigma_final.csv", "fits.csv") if not (args.csv_dir / n).is_file()]
+    if missing:
+        ap.error(f"{args.csv_dir}: no {', '.join(missing)} (write them with `edm-opt report --csv {args.csv_dir}`)")
     every = read(args.csv_dir / "runs.csv")
     runs = [r for r in every if r["nimg"] and r["status"] == "FINISHED"]
     names = {r["run_name"] for r in runs}
@@ -64,14 +67,16 @@ def main() -> None:
     runs.sort(key=lambda r: (seed_of(r["run_name"]), int(r["param_count"]), order.get(r["schedule"], 9)))
     models = sorted({model(r) for r in runs}, key=lambda m: (m[1], m[0]))  # by size
     schedules = sorted({r["schedule"] for r in runs}, key=lambda s: (order.get(s, len(order)), s))
-    out = [f"{len(runs)} finished runs (unfinished runs left out: {len(every) - len(runs)}). KID and FID: 256 generated images against 1,000 training "
-           "images (small N: KID is the more reliable, FID is biased high).", ""]
+    seeds = sorted({seed_of(r["run_name"]) for r in runs})
+    out = [f"{len(runs)} finished runs (unfinished runs left out: {len(every) - len(runs)}). KID and FID: 256 "
+           "generated images against 1,000 training images (small N: KID is the more reliable, FID is biased high).",
+           ""]
 
     out += ["### Every run", "", table(
         ["run", "params", "schedule", "seed", "images", "final reference gap", "KID", "FID"],
         [[r["run_name"], f"{int(r['param_count']):,}", r["schedule"], str(seed_of(r["run_name"])),
-          f"{int(r['nimg']):,}", f4(num(r["ref_gap"])), f4(num(r["kid"])),
-          "n/a" if math.isnan(num(r["fid"])) else f"{num(r['fid']):.1f}"] for r in runs]), ""]
+          f"{int(r['nimg']):,}", fmt(num(r["ref_gap"])), fmt(num(r["kid"])), fmt(num(r["fid"]), ".1f")]
+         for r in runs]), ""]
 
     cell = defaultdict(list)  # (model, schedule) -> runs over seeds
     for r in runs:
@@ -91,24 +96,25 @@ def main() -> None:
                 continue
             g, gs, n = stats(cell[m, s], "ref_gap")
             k, ks, nk = stats(cell[m, s], "kid")
-            rows.append([m[0], f"{m[1]:,}", s, str(n), f4(g), "n/a" if math.isnan(gs) else f"{gs:.1%}", f4(k),
-                         "n/a" if math.isnan(ks) else f"{ks:.1%}", str(nk)])
+            rows.append([m[0], f"{m[1]:,}", s, str(n), fmt(g), fmt(gs, ".1%"), fmt(k), fmt(ks, ".1%"), str(nk)])
     out += ["### Over seeds: mean and run-to-run spread (max - min) / mean", "", table(
-        ["preset", "params", "schedule", "seeds", "ref gap, mean", "ref gap spread", "KID, mean", "KID spread", "seeds with KID"],
-        rows), ""]
+        ["preset", "params", "schedule", "seeds", "ref gap, mean", "ref gap spread", "KID, mean", "KID spread",
+         "seeds with KID"], rows), ""]
 
     by = {(model(r), r["schedule"], seed_of(r["run_name"])): r for r in runs}
     rows = []
-    for (m, s, seed), r in sorted(by.items(), key=lambda kv: (kv[0][0][1], kv[0][0][0], kv[0][1], kv[0][2])):
-        if not s.startswith("optimal/") or (b := by.get((m, s.split("/", 1)[1], seed))) is None:
-            continue
-        gr = num(r["ref_gap"]) / num(b["ref_gap"])
-        kr = num(r["kid"]) / num(b["kid"])
-        rows.append([m[0], s, str(seed), f"{gr:.2f}", "n/a" if math.isnan(kr) else f"{kr:.2f}"])
+    optimal = [s for s in schedules if s.startswith("optimal/")]
+    for m in models:
+        for s in optimal:
+            for seed in seeds:
+                r, b = by.get((m, s, seed)), by.get((m, s.split("/", 1)[1], seed))
+                if r and b:
+                    rows.append([m[0], s, str(seed), fmt(num(r["ref_gap"]) / num(b["ref_gap"]), ".2f"),
+                                 fmt(num(r["kid"]) / num(b["kid"]), ".2f")])
     out += ["### Optimal schedule against its own base (same size, seed and training images; < 1: optimal better)",
             "", table(["preset", "schedule", "seed", "ref gap ratio", "KID ratio"], rows), ""]
 
-    per = defaultdict(list)  # (preset, schedule, sigma) -> gaps over seeds
+    per = defaultdict(list)  # (model, schedule, sigma) -> gaps over seeds
     jstar = {}
     for r in read(args.csv_dir / "per_sigma_final.csv"):
         if r["run_name"] not in names:
@@ -120,10 +126,10 @@ def main() -> None:
             jstar[near] = float(r["jstar"])
     for m in models:
         cols = [s for s in schedules if (m, s) in cell]
-        rows = [[f"{s:g}", "< 1e-6" if abs(jstar.get(s, 1.0)) < 1e-6 else f"{jstar.get(s, math.nan):.3g}"] + [f4(float(np.mean(per[m, c, s]))) if per[m, c, s]
-                                                                else "n/a" for c in cols] for s in SIGMAS]
-        out += [f"### {m[0]} ({m[1]:,} parameters): held-out gap per sigma at the last evaluation (EMA weights, mean over seeds)", "",
-                table(["sigma", "J*"] + cols, rows), ""]
+        rows = [[f"{s:g}", "< 1e-6" if abs(jstar.get(s, 1.0)) < 1e-6 else fmt(jstar.get(s, math.nan), ".3g")]
+                + [fmt(float(np.mean(per[m, c, s])) if per[m, c, s] else math.nan) for c in cols] for s in SIGMAS]
+        out += [f"### {m[0]} ({m[1]:,} parameters): held-out gap per sigma at the last evaluation "
+                "(EMA weights, mean over seeds)", "", table(["sigma", "J*"] + cols, rows), ""]
 
     fits = defaultdict(dict)  # series -> form -> row
     for r in read(args.csv_dir / "fits.csv"):
@@ -131,8 +137,8 @@ def main() -> None:
             fits[r["series"]][r["form"]] = r
 
     def fit(r: dict) -> list[str]:
-        return [f"{f4(num(r['alpha']))} [{f4(num(r['alpha_ci_low']))}, {f4(num(r['alpha_ci_high']))}]",
-                f4(num(r["rho"]))]
+        return [f"{fmt(num(r['alpha']))} [{fmt(num(r['alpha_ci_low']))}, {fmt(num(r['alpha_ci_high']))}]",
+                fmt(num(r["rho"]))]
 
     rows = [[k, f"{num(v['raw']['jstar']):.3g}", *fit(v["raw"]), *fit(v["subtracted"]), v["raw"]["n_used"]]
             for k, v in fits.items() if {"raw", "subtracted"} <= set(v)]
