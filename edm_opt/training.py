@@ -365,14 +365,21 @@ class Trainer:
                       "sha256": _sha256(self.jstar_path)},
             "tracking_uri": uri, "mlflow_run_id": self.logger.run_id, "experiment": r.experiment,
             "param_count": self.param_count, "flops_per_image": self.flops_per_image, "edm_opt_version": __version__})
-        hist = self.run_dir.path / "per_sigma.json"
-        if hist.exists() and state is not None:
-            import json
+        if state is not None:
+            self.history = state.get("history") or self._history_from_file()
 
-            h = json.loads(hist.read_text())
-            keep = [i for i, n in enumerate(h.get("nimg", [])) if n <= self.nimg]
-            self.history = {k: ([v[i] for i in keep] if isinstance(v, list) and len(v) == len(h["nimg"]) else v)
-                            for k, v in h.items()}
+    def _history_from_file(self) -> dict:
+        """per_sigma.json cut at the checkpoint, for checkpoints that predate the history in their state;
+        it is written at snapshots only, so statuses after the last snapshot are lost there."""
+        hist = self.run_dir.path / "per_sigma.json"
+        if not hist.exists():
+            return {}
+        import json
+
+        h = json.loads(hist.read_text())
+        keep = [i for i, n in enumerate(h.get("nimg", [])) if n <= self.nimg]
+        return {k: ([v[i] for i in keep] if isinstance(v, list) and len(v) == len(h["nimg"]) else v)
+                for k, v in h.items()}
 
     # the loop -------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -611,7 +618,7 @@ class Trainer:
                      "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
                      "stream": self.stream.state_dict(), "rng": rngs, "nimg": self.nimg, "step": self.step,
                      "mlflow_run_id": self.logger.run_id, "pending_metrics": self.logger.pending(),
-                     "config_hash": self.r.config_hash()}
+                     "history": self.history, "config_hash": self.r.config_hash()}
             self.run_dir.save_checkpoint(state, self.nimg)
         D.barrier(env)
 

@@ -125,6 +125,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
     ca, ra = only_run(straight)
     assert ra.data.metrics["loss/train"] == r1.data.metrics["loss/train"]
+    # the killed run had no snapshot yet: its per-sigma history before the checkpoint came back with the checkpoint
+    ha, hb = (json.loads((p / "per_sigma.json").read_text()) for p in (run_dir(straight), d))
+    assert hb["nimg"] == ha["nimg"] == list(range(128, 1025, 128))
+    assert hb["ref_total"] == pytest.approx(ha["ref_total"], rel=1e-6)
     # the same command again is a no-op; a longer duration continues the same run
     again = run(args, killed)
     assert "nothing to do" in again.stdout
