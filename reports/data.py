@@ -1,8 +1,8 @@
 """Runs of an MLflow experiment as plain arrays, read through `edm_opt.tracking` (the only mlflow user).
 
 One `RunData` per training run: its per-sigma history from the `per_sigma.json` artifact (one file per
-run), or, when a run has no such artifact or is still RUNNING (the artifact is written only at
-snapshots), from the metric histories of the naming contract. Units: sigma is the VE noise level,
+run), or, when a run has no such artifact, is still RUNNING (the artifact is written only at
+snapshots) or its artifact lacks statuses it logged, from the metric histories of the naming contract. Units: sigma is the VE noise level,
 losses are per-dimension x0 MSE (DESIGN.md), f is cumulative training compute in FLOPs, nimg counts
 training images seen.
 """
@@ -167,13 +167,30 @@ def _from_metrics(uri: str, rec) -> dict:
                 jstar_ref=float(jref), source="metric histories" if steps else "none")
 
 
+def _statuses_missing_from(arrays: dict, uri: str, rec) -> int:
+    """How many status steps logged to MLflow (`loss/ref_total`) the artifact's history does not have."""
+    if "loss/ref_total" not in rec.metrics:
+        return 0
+    logged = {step for step, _ in metric_history(uri, rec.run_id, "loss/ref_total")}
+    return len(logged - set(arrays["nimg"].tolist()))
+
+
 def read_run(uri: str, rec) -> RunData:
-    """One run's history: per_sigma.json unless the run is RUNNING or has none, else metric histories."""
+    """One run's history: per_sigma.json unless the run is RUNNING, has none, or lacks statuses that the
+    run logged to MLflow; else its metric histories."""
     h = None if rec.status == "RUNNING" else load_json_artifact(uri, rec.run_id, PER_SIGMA_ARTIFACT)
     try:
         arrays = _from_artifact(h) if h and h.get("nimg") else None
     except (KeyError, TypeError, ValueError):  # an unreadable artifact: the metrics hold the same numbers
         arrays = None
+    if arrays is not None and (lost := _statuses_missing_from(arrays, uri, rec)):
+        # per_sigma.json was short (written at snapshots only, before edm-opt kept the history in checkpoints,
+        # a run resumed before its first snapshot lost its early statuses): the metric histories are whole.
+        stderr = arrays["jstar_stderr"]
+        arrays = _from_metrics(uri, rec)
+        if stderr.shape == arrays["sigmas"].shape:
+            arrays["jstar_stderr"] = stderr
+        arrays["source"] = f"metric histories ({PER_SIGMA_ARTIFACT} lacks {lost} statuses)"
     if arrays is None:
         arrays = _from_metrics(uri, rec)
     h = h or {}
@@ -234,6 +251,10 @@ def _check_consistency(exp: ExperimentData) -> None:
     if empty:
         exp.notes.append(f"{len(empty)} runs have no held-out evaluation yet: {', '.join(empty[:5])}"
                          + (" ..." if len(empty) > 5 else ""))
+    short = [r.name for r in exp.runs if r.source.startswith("metric histories (")]
+    if short:
+        exp.notes.append(f"{len(short)} runs read from metric histories ({PER_SIGMA_ARTIFACT} lacks logged "
+                         f"statuses): {', '.join(short[:5])}" + (" ..." if len(short) > 5 else ""))
     if ref is None:
         return
     prints = {r.fingerprint for r in exp.runs if r.fingerprint}

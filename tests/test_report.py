@@ -21,7 +21,8 @@ from pypdf import PdfReader
 from edm_opt import EdmOptError
 from edm_opt.diagnose import gap_fid_points
 from edm_opt.diffusion import sigma_grid
-from edm_opt.tracking import create_run, get_run
+from edm_opt.fileio import write_json
+from edm_opt.tracking import create_run, get_run, load_json_artifact, log_now
 from reports.analysis import analyse
 from reports.build import build_report
 from reports.data import NoRunsError, collect_experiment
@@ -104,6 +105,34 @@ def test_collect_reads_artifacts_metric_histories_and_running_runs(store):
     np.testing.assert_allclose(r.loss_x0, h["loss_x0"], rtol=1e-12)
     np.testing.assert_allclose(r.ref_total, h["ref_total"], rtol=1e-12)
     assert r.fid.shape == (3, 2) and r.param_count == 200_000
+
+
+def test_a_short_per_sigma_artifact_gives_way_to_the_metric_histories(tmp_path):
+    """A per_sigma.json that lacks early statuses (what a run resumed before its first snapshot left,
+    before the history travelled in checkpoints) must not shorten the run's curve: the report reads the
+    metric histories, keeps the artifact's J* standard errors, and says so in a note."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole, short = (SyntheticRun(name, "edm", steps=6, fid_every=None) for name in ("whole", "short"))
+    log_synthetic_run(uri, "short-history", whole, seed=0)
+    run_id = log_synthetic_run(uri, "short-history", short, seed=1)
+    grid = sigma_grid(num=8)
+    h = synthetic_history(short, grid, synthetic_jstar(grid), np.random.default_rng(1))
+    cut = {k: (v[2:] if isinstance(v, list) and len(v) == short.steps else v) for k, v in h.items()}
+    (tmp_path / "cut").mkdir()
+    log_now(uri, run_id, artifacts=[write_json(tmp_path / "cut" / "per_sigma.json", cut)])
+    assert load_json_artifact(uri, run_id, "per_sigma.json")["nimg"] == h["nimg"][2:]
+
+    exp = collect_experiment(uri, "short-history")
+    by_name = {r.name: r for r in exp.runs}
+    assert by_name["whole"].source == "per_sigma.json"
+    r = by_name["short"]
+    assert r.source == "metric histories (per_sigma.json lacks 2 statuses)"
+    np.testing.assert_array_equal(r.nimg, h["nimg"])
+    np.testing.assert_allclose(r.ref_total, h["ref_total"], rtol=1e-12)
+    np.testing.assert_allclose(r.loss_x0, h["loss_x0"], rtol=1e-12)
+    np.testing.assert_allclose(r.jstar_stderr, h["jstar_stderr"], rtol=1e-12)
+    assert [n for n in exp.notes if "lacks logged statuses" in n] == [
+        "1 runs read from metric histories (per_sigma.json lacks logged statuses): short"]
 
 
 def test_gap_fid_points_from_store(store):
