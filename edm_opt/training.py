@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -374,8 +375,6 @@ class Trainer:
         hist = self.run_dir.path / "per_sigma.json"
         if not hist.exists():
             return {}
-        import json
-
         h = json.loads(hist.read_text())
         keep = [i for i, n in enumerate(h.get("nimg", [])) if n <= self.nimg]
         return {k: ([v[i] for i in keep] if isinstance(v, list) and len(v) == len(h["nimg"]) else v)

@@ -2,9 +2,9 @@
 
 One `RunData` per training run: its per-sigma history from the `per_sigma.json` artifact (one file per
 run), or, when a run has no such artifact, is still RUNNING (the artifact is written only at
-snapshots) or its artifact lacks statuses it logged, from the metric histories of the naming contract. Units: sigma is the VE noise level,
-losses are per-dimension x0 MSE (DESIGN.md), f is cumulative training compute in FLOPs, nimg counts
-training images seen.
+snapshots) or its artifact lacks statuses it logged, from the metric histories of the naming contract.
+Units: sigma is the VE noise level, losses are per-dimension x0 MSE (DESIGN.md), f is cumulative
+training compute in FLOPs, nimg counts training images seen.
 """
 
 from __future__ import annotations
