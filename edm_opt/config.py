@@ -18,6 +18,7 @@ from . import EdmOptError
 
 SCHEDULES = ("edm", "edm2", "fm", "optimal")
 BASE_SCHEDULES = ("edm", "edm2", "fm")
+OPT_VARIANTS = ("paper", "floor", "base-below", "edm2-tilt")  # method.md sections 4.1 and 4.3
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -64,6 +65,11 @@ class TrainConfig:
     P_std: float | None = None
     jstar: str = "auto"
     sigmas: str = "0.002:80:32"
+    opt_variant: str | None = None  # optimal: paper, floor, base-below, edm2-tilt (default: schedule.DEFAULT_VARIANT)
+    opt_gamma: float | None = None  # tilted variants: exponent of the tilt (default: 1; 1/2 for edm2-tilt)
+    opt_clip_lo: float | None = None  # tilted variants: the tilt ratio T_b / T_bar is clipped to [lo, hi]
+    opt_clip_hi: float | None = None  # (default: [0.25, 4])
+    opt_tau: float | None = None  # base-below: sigma_j = smallest grid sigma with J* >= tau J*_max (default 0.25)
     opt_refresh: int = 64  # optimiser steps between recomputations of p
     opt_decay: float = 0.99  # EMA decay of the per-bin batch loss, per optimiser step
     opt_mix: float = 0.2  # share of the base distribution in p
@@ -107,6 +113,9 @@ class TrainConfig:
     UNHASHED = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "fid_images",
                 "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device")
     NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every")
+    # keys added after runs existed, with the value that reproduces those runs: at that value (or None) they are
+    # left out of the hash and of resume checks, so earlier runs keep their names and resume
+    ADDED = {"opt_variant": "paper", "opt_gamma": None, "opt_clip_lo": None, "opt_clip_hi": None, "opt_tau": None}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
@@ -144,12 +153,36 @@ class TrainConfig:
                 raise ConfigError(f"{source}: {key} must be positive, got {v}")
         if not 0 <= self.opt_mix <= 1 or not 0 < self.opt_decay < 1:
             raise ConfigError(f"{source}: opt_mix must be in [0, 1] and opt_decay in (0, 1)")
+        for key in ("opt_gamma", "opt_clip_lo", "opt_clip_hi", "opt_tau"):
+            v = getattr(self, key)
+            if v is not None:
+                try:
+                    setattr(self, key, float(v))
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{source}: {key} must be a number, got {v!r}") from None
+        if self.opt_variant is not None and self.opt_variant not in OPT_VARIANTS:
+            raise ConfigError(f"{source}: opt_variant {self.opt_variant!r} is not one of {', '.join(OPT_VARIANTS)}")
+        if self.opt_gamma is not None and not self.opt_gamma >= 0:
+            raise ConfigError(f"{source}: opt_gamma must be >= 0 (0: sample from the base), got {self.opt_gamma}")
+        lo, hi = self.opt_clip_lo, self.opt_clip_hi
+        if (lo is not None and not lo > 0) or (lo is not None and hi is not None and not lo < hi):
+            raise ConfigError(f"{source}: the tilt's clip range needs 0 < opt_clip_lo < opt_clip_hi, got "
+                              f"[{lo}, {hi}]")
+        if self.opt_tau is not None and not 0 < self.opt_tau <= 1:
+            raise ConfigError(f"{source}: opt_tau must be in (0, 1], got {self.opt_tau}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def _compared(cls, d: dict) -> dict:
+        """The keys of a (stored or own) config that identify a run: hashed keys, added keys not at their
+        earlier value."""
+        return {k: v for k, v in d.items()
+                if k not in cls.UNHASHED and not (k in cls.ADDED and (v is None or v == cls.ADDED[k]))}
+
     def hashed(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in self.UNHASHED}
+        return self._compared(self.to_dict())
 
     def config_hash(self) -> str:
         """6 hex digits over everything that changes the run's numbers (not duration, intervals, output)."""
@@ -160,9 +193,9 @@ class TrainConfig:
 
     def resume_conflicts(self, stored: dict) -> list[str]:
         """Hashed keys whose value differs from a stored (resolved) config: what forbids resuming."""
-        mine = self.hashed()
-        keys = sorted(set(mine) | {k for k in stored if k not in self.UNHASHED})
-        return [k for k in keys if json.dumps(mine.get(k), default=str) != json.dumps(stored.get(k), default=str)]
+        mine, theirs = self.hashed(), self._compared(stored)
+        keys = sorted(set(mine) | set(theirs))
+        return [k for k in keys if json.dumps(mine.get(k), default=str) != json.dumps(theirs.get(k), default=str)]
 
 
 def load_yaml(path: str | Path, what: str = "config file") -> dict:

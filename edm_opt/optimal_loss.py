@@ -15,6 +15,10 @@ Implementation notes (method.md section 3, "Numerics"):
 - The data are centred first (the posterior is shift-invariant), which shrinks float32 rounding.
 - Queries are drawn in fixed blocks of QUERY_BLOCK from a generator per (seed, sigma, class, block), so the
   result is deterministic for a seed and does not depend on how the work is chunked on the device.
+
+J*_up (method.md section 4.2) bounds what a model that generalises can reach from above: min(J*_lin, J*_LOO),
+the losses of the optimal linear denoiser and of the leave-one-out posterior mean. It is cached beside the
+tables (`$EDM_OPT_CACHE/jstar_up/`) and attached to a table as `table.upper`.
 """
 
 from __future__ import annotations
@@ -56,11 +60,14 @@ class OptimalLossTable:
     values: np.ndarray  # J*_sigma, per-dimension x0 MSE, float64
     stderr: np.ndarray  # standard error of each value
     meta: dict = field(default_factory=dict)
+    upper: "UpperBound | None" = None  # J*_up on the same grid, when computed (method.md section 4.2)
 
     def __post_init__(self):
         self.sigmas = np.asarray(self.sigmas, dtype=np.float64)
         self.values = np.asarray(self.values, dtype=np.float64)
         self.stderr = np.asarray(self.stderr, dtype=np.float64)
+        if self.upper is not None:
+            self.upper.check_grid(self.sigmas, "the J* table's J*_up")
 
     # provenance -----------------------------------------------------------------------------------
     @property
@@ -122,8 +129,11 @@ class OptimalLossTable:
 
     # file format ----------------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **self.meta, "sigmas": self.sigmas.tolist(),
-                "jstar": self.values.tolist(), "stderr": self.stderr.tolist()}
+        d = {"format_version": FORMAT_VERSION, **self.meta, "sigmas": self.sigmas.tolist(),
+             "jstar": self.values.tolist(), "stderr": self.stderr.tolist()}
+        if self.upper is not None:
+            d["upper"] = self.upper.to_json()
+        return d
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON (atomically)."""
@@ -137,9 +147,13 @@ class OptimalLossTable:
         try:
             d = json.loads(path.read_text())
             version = d.pop("format_version")
-            table = cls(d.pop("sigmas"), d.pop("jstar"), d.pop("stderr"), d)
+            upper = d.pop("upper", None)
+            table = cls(d.pop("sigmas"), d.pop("jstar"), d.pop("stderr"), d,
+                        None if upper is None else UpperBound.from_json(upper))
         except FileNotFoundError:
             raise JStarMismatch(f"J* table {path} not found") from None
+        except JStarMismatch as e:
+            raise JStarMismatch(f"{path}: {e}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise JStarMismatch(f"{path}: not an edm-opt J* table ({type(e).__name__}: {e})") from None
         if version != FORMAT_VERSION:
@@ -148,13 +162,22 @@ class OptimalLossTable:
         return table
 
     def format(self) -> str:
-        """A printable table: sigma, J*, standard error, and the ratio to the data variance."""
-        lines = [f"{'sigma':>9}  {'J*/dim':>12}  {'stderr':>10}  {'J*/var':>8}"]
+        """A printable table: sigma, J*, standard error, the ratio to the data variance, and J*_up's columns."""
+        up = self.upper
+        head = f"{'sigma':>9}  {'J*/dim':>12}  {'stderr':>10}  {'J*/var':>8}"
+        if up is not None:
+            head += f"  {'J*_lin':>10}  {'J*_LOO':>10}  {'stderr':>9}  {'J*_up':>10}"
+        lines = [head]
         var = self.meta.get("data_variance")
-        for s, v, e in zip(self.sigmas, self.values, self.stderr):
-            ratio = f"{v / var:8.4f}" if var else ""
-            lines.append(f"{sigma_key(s):>9}  {v:12.6g}  {e:10.3g}  {ratio}")
+        for i, (s, v, e) in enumerate(zip(self.sigmas, self.values, self.stderr)):
+            ratio = f"{v / var:8.4f}" if var else " " * 8
+            row = f"{sigma_key(s):>9}  {v:12.6g}  {e:10.3g}  {ratio}"
+            if up is not None:
+                row += f"  {up.lin[i]:10.4g}  {up.loo[i]:10.4g}  {up.loo_stderr[i]:9.2g}  {up.values[i]:10.4g}"
+            lines.append(row)
         lines.append(f"sigma* = {sigma_key(self.sigma_star)}   reference total = {self.ref_total():.6g}")
+        if up is not None:
+            lines.append(f"J*_up = min(J*_lin, J*_LOO): {up.describe()}")
         return "\n".join(lines)
 
 
@@ -319,7 +342,8 @@ def _block_rng(seed_key: tuple, block: int) -> torch.Generator:
 
 def _per_query_values(pts: _Points, sigma: float, m: int, estimator: str, size: int, corr: float,
                       seed_key: tuple, bar) -> torch.Tensor:
-    """Per-query values (totals over D, float64 on CPU) for M queries at one sigma."""
+    """Per-query values (totals over D, float64 on CPU) for M queries at one sigma; estimator "loo" is the
+    full softmax without the query's source, valued by its direct error (J*_LOO)."""
     cuda = pts.device.type == "cuda"
     batch_blocks = 16 if cuda else 2  # query blocks per GEMM batch of the full estimator
     out, pending = [], []
@@ -329,12 +353,12 @@ def _per_query_values(pts: _Points, sigma: float, m: int, estimator: str, size: 
         n_q = min(QUERY_BLOCK, m - b * QUERY_BLOCK)
         src = torch.randint(pts.n, (n_q,), generator=gen)
         eps = torch.randn(n_q, pts.dim, generator=gen)
-        if estimator == "full":
+        if estimator in ("full", "loo"):
             pending.append((src, eps))
             if len(pending) == batch_blocks or b == num_blocks - 1:
                 src_all = torch.cat([s for s, _ in pending])
                 eps_all = torch.cat([e for _, e in pending])
-                out.append(_full_block(pts, sigma, src_all, eps_all, cuda))
+                out.append(_full_block(pts, sigma, src_all, eps_all, cuda, leave_out=estimator == "loo"))
                 bar.update(len(pending))
                 pending = []
         else:
@@ -360,23 +384,51 @@ def _exp_clamped_(g: torch.Tensor) -> torch.Tensor:
     return g.clamp_min_(-87.0).exp_()
 
 
-def _full_block(pts: _Points, sigma: float, src, eps, cuda: bool) -> torch.Tensor:
-    """Per-query posterior variance tr Cov[x0 | x~] over all N points (streamed, running max)."""
+def _full_block(pts: _Points, sigma: float, src, eps, cuda: bool, leave_out: bool = False) -> torch.Tensor:
+    """Per-query posterior variance tr Cov[x0 | x~] over all N points (streamed, running max).
+
+    leave_out: per-query values of J*_LOO, the loss of the leave-one-out posterior mean E_{-n} (the posterior over
+    the points other than the query's source n, method.md 4.2). Its direct error ||E_{-n} - x_n||^2 is taken as
+    (||E_{-n} - x_n||^2 - ||E - x_n||^2) + tr Cov[x0 | x~], the full posterior's direct error replaced by its
+    conditional mean: the same expectation, and a variance that vanishes at large sigma, where E_{-n} ~ E.
+    """
     lhs = _queries(pts, sigma, src, eps)
     chunk = 32768 if cuda else 4096
     row_max = torch.full((lhs.shape[0],), -math.inf, device=pts.device)
     acc = torch.zeros(lhs.shape[0], pts.p.shape[1], dtype=torch.float64, device=pts.device)
+    src_d = src.to(pts.device)
+    rows = torch.arange(lhs.shape[0], device=pts.device)
     for j in range(0, pts.n, chunk):
         p = pts.p[j: j + chunk]
         g = lhs @ p.T  # logits up to a per-query constant: (q.x - ||x||^2/2) / sigma^2
+        if leave_out:
+            own = (src_d >= j) & (src_d < j + p.shape[0])
+            g[rows[own], src_d[own] - j] = -math.inf
         new_max = torch.maximum(row_max, g.amax(1))
         w = _exp_clamped_(g.sub_(new_max[:, None]))
+        if leave_out:
+            w[rows[own], src_d[own] - j] = 0.0  # the clamp turned -inf into e^-87; the source is out
         acc.mul_(torch.exp(row_max - new_max).double()[:, None]).add_((w @ p).double())
         row_max = new_max
-    s0 = acc[:, pts.dim + 1]
-    mean = acc[:, : pts.dim] / s0[:, None]
-    second = -2 * (acc[:, pts.dim] + acc[:, pts.dim + 2]) / s0  # sum_n w_n ||x_n||^2 (centred), hi + lo
-    return (second - (mean * mean).sum(1)).clamp_min(0).cpu()
+    if not leave_out:
+        return _posterior_variance(acc, pts.dim).clamp_min(0).cpu()
+    # the full posterior = the leave-one-out sums plus the source's own term, its logit in float64
+    p_src = pts.p[src_d].double()
+    g_src = (lhs.double() * p_src).sum(1)
+    top = torch.maximum(row_max.double(), g_src)
+    full = acc * torch.exp(row_max.double() - top)[:, None] + torch.exp(g_src - top)[:, None] * p_src
+    x_src = p_src[:, : pts.dim]
+    loo_err = (acc[:, : pts.dim] / acc[:, pts.dim + 1: pts.dim + 2] - x_src).square().sum(1)
+    full_err = (full[:, : pts.dim] / full[:, pts.dim + 1: pts.dim + 2] - x_src).square().sum(1)
+    return (loo_err - full_err + _posterior_variance(full, pts.dim).clamp_min(0)).cpu()
+
+
+def _posterior_variance(acc: torch.Tensor, dim: int) -> torch.Tensor:
+    """tr Cov[x0 | x~] per query from the softmax-weighted sums [sum w x, -sum w ||x||^2/2 (hi), sum w, (lo)]."""
+    s0 = acc[:, dim + 1]
+    mean = acc[:, :dim] / s0[:, None]
+    second = -2 * (acc[:, dim] + acc[:, dim + 2]) / s0  # sum_n w_n ||x_n||^2 (centred), hi + lo
+    return second - (mean * mean).sum(1)
 
 
 def _subset_block(pts: _Points, sigma: float, src, eps, subset, estimator: str, corr: float) -> torch.Tensor:
@@ -402,6 +454,143 @@ def _subset_block(pts: _Points, sigma: float, src, eps, subset, estimator: str, 
 
 
 # --------------------------------------------------------------------------------------------------
+# J*_up: upper bounds of the reachable optimum (method.md section 4.2)
+
+
+@dataclass
+class UpperBound:
+    """J*_up = min(J*_lin, J*_LOO) per dimension on a sigma grid (method.md section 4.2).
+
+    lin: loss of the optimal linear denoiser, (1/D) sum_i l_i sigma^2 / (l_i + sigma^2) over the eigenvalues l_i of
+    the training data's covariance (per class, shrunk towards the pooled within-class covariance, for
+    class-conditional data); loo: direct error of the leave-one-out posterior mean, with its standard error.
+    Both are losses of fixed denoisers, so J*_train <= J*_pop <= J*_up (up to Monte-Carlo noise in loo).
+    """
+
+    sigmas: np.ndarray
+    lin: np.ndarray
+    loo: np.ndarray
+    loo_stderr: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("sigmas", "lin", "loo", "loo_stderr"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        if not (self.sigmas.shape == self.lin.shape == self.loo.shape == self.loo_stderr.shape):
+            raise JStarMismatch(f"J*_up has {self.sigmas.size} sigmas but {self.lin.size} J*_lin and "
+                                f"{self.loo.size} J*_LOO values")
+        if not (np.all(np.isfinite(self.lin)) and np.all(np.isfinite(self.loo))) or self.values.min() < 0:
+            raise JStarMismatch("J*_up holds negative or non-finite values")
+
+    @property
+    def values(self) -> np.ndarray:
+        """J*_up = min(J*_lin, J*_LOO)."""
+        return np.minimum(self.lin, self.loo)
+
+    def check_grid(self, sigmas: np.ndarray, source: str = "J*_up") -> None:
+        if len(sigmas) != len(self.sigmas) or not np.allclose(sigmas, self.sigmas, rtol=1e-9):
+            raise JStarMismatch(f"{source} has sigma grid {_grid_str(self.sigmas)}, not {_grid_str(sigmas)}")
+
+    def describe(self) -> str:
+        p = self.meta.get("params", {})
+        t = self.meta.get("wall_time_s", {})
+        return (f"J*_LOO from {p.get('num_samples')} queries per sigma (seed {p.get('seed')}), "
+                f"J*_lin from {self.meta.get('covariance', 'the covariance')}; "
+                f"{t.get('lin', 0):.1f} s + {t.get('loo', 0):.1f} s")
+
+    def to_json(self) -> dict:
+        return {**self.meta, "sigmas": self.sigmas.tolist(), "lin": self.lin.tolist(), "loo": self.loo.tolist(),
+                "loo_stderr": self.loo_stderr.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "UpperBound":
+        d = dict(d)
+        return cls(d.pop("sigmas"), d.pop("lin"), d.pop("loo"), d.pop("loo_stderr"), d)
+
+
+LOO_SAMPLES = 2048  # default queries per sigma of J*_LOO: ~2% standard error, a few minutes for 60k images
+
+
+def linear_optimal_loss(data: torch.Tensor, sigmas, labels: torch.Tensor | None = None) -> np.ndarray:
+    """J*_lin(sigma) per dimension: the training loss of the optimal linear (affine) denoiser.
+
+    With covariance eigenvalues l_i (divisor N), J*_lin = (1/D) sum_i l_i sigma^2 / (l_i + sigma^2) (method.md 4.2;
+    the Gaussian closed form of section 2 with the data's own covariance). `labels`: per class c, the covariance
+    S_c shrunk towards the pooled within-class covariance S_w as (N_c S_c + D S_w) / (N_c + D) (edm-opt choice: D
+    pseudo-images of prior; a class with fewer images than dimensions is otherwise rank-deficient and would
+    claim zero loss in the missing directions), and J*_lin = sum_c (N_c / N) J*_lin(S_c).
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    x = data.reshape(data.shape[0], -1).double().cpu()
+    n, dim = x.shape
+    groups = [torch.arange(n)] if labels is None else [
+        torch.nonzero(torch.as_tensor(labels).reshape(-1) == c).reshape(-1)
+        for c in torch.unique(torch.as_tensor(labels)).tolist()]
+    covs, sizes = [], []
+    for idx in groups:
+        xc = x[idx] - x[idx].mean(0)
+        covs.append(xc.T @ xc / idx.numel())
+        sizes.append(idx.numel())
+    if labels is not None:
+        pooled = sum(c * k for c, k in zip(covs, sizes)) / n
+        covs = [(k * c + dim * pooled) / (k + dim) for c, k in zip(covs, sizes)]
+    s2 = sigmas[:, None] ** 2
+    out = np.zeros(len(sigmas))
+    for cov, k in zip(covs, sizes):
+        lam = np.clip(torch.linalg.eigvalsh(cov).numpy(), 0, None)
+        out += k / n * (lam[None, :] * s2 / (lam[None, :] + s2)).sum(1) / dim
+    return out
+
+
+def estimate_upper_bound(data: torch.Tensor, sigmas, labels: torch.Tensor | None = None,
+                         num_samples: int = LOO_SAMPLES, seed: int = 0, device=None,
+                         progress: bool = False) -> UpperBound:
+    """J*_lin and J*_LOO (per dimension) of the training set `data` at each VE noise level (method.md 4.2).
+
+    J*_LOO: M queries x~ = x_n + sigma eps with a uniform source n; the posterior mean over the other points
+    (of the source's class with `labels`) is the full estimator's softmax with the source masked out, and each
+    query's value is its direct error ||E_{-n}[x0|x~] - x_n||^2 / D (not the paired form: the leave-one-out
+    denoiser is a fixed function, its loss is what bounds the population optimum), with the full posterior's
+    part of it Rao-Blackwellised (`_full_block`), so J*_LOO >= J*_train holds to a small standard error.
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    x = data.reshape(data.shape[0], -1).float().cpu()
+    n_total, dim = x.shape
+    device = torch.device(device or "cpu")
+    t0 = time.perf_counter()
+    lin = linear_optimal_loss(data, sigmas, labels)
+    t_lin = time.perf_counter() - t0
+    if labels is None:
+        groups = [torch.arange(n_total)]
+    else:
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        groups = [torch.nonzero(labels == c).reshape(-1) for c in torch.unique(labels).tolist()]
+    if min(idx.numel() for idx in groups) < 2:
+        raise ValueError("J*_LOO needs at least two images in every class")
+    plans = [(idx, max(1, round(num_samples * idx.numel() / n_total))) for idx in groups]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(sigmas) * sum(math.ceil(m / QUERY_BLOCK) for _, m in plans), desc="J*_up (LOO)",
+               unit="block", disable=not progress, leave=False)
+    t1 = time.perf_counter()
+    points = [_Points(x if idx.numel() == n_total else x[idx], device) for idx, _ in plans]
+    loo, loo_se = np.zeros(len(sigmas)), np.zeros(len(sigmas))
+    for k, sigma in enumerate(sigmas):
+        for g, ((idx, m), pts) in enumerate(zip(plans, points)):
+            p = idx.numel() / n_total
+            v = _per_query_values(pts, float(sigma), m, "loo", 0, 0.0, ("loo", seed, k, g), bar) / dim
+            loo[k] += p * v.mean().item()
+            loo_se[k] += p * p * (v.var(unbiased=True).item() if v.numel() > 1 else 0.0) / v.numel()
+    bar.close()
+    meta = {"params": {"num_samples": num_samples, "seed": seed}, "class_conditional": labels is not None,
+            "covariance": "per-class covariances shrunk towards the pooled one (D pseudo-images)"
+            if labels is not None else "the data covariance",
+            "wall_time_s": {"lin": round(t_lin, 3), "loo": round(time.perf_counter() - t1, 3)},
+            "device": str(device), "edm_opt_version": __version__}
+    return UpperBound(sigmas, lin, loo, np.sqrt(loo_se), meta)
+
+
+# --------------------------------------------------------------------------------------------------
 # Datasets, the cache, and resolution of `--jstar PATH|auto`
 
 
@@ -424,45 +613,115 @@ def jstar_cache_path(dataset, sigmas, estimator: str = "cdol", class_conditional
     return cache_dir() / "jstar" / f"{dataset.fingerprint}-{_params_hash(params)}.json"
 
 
+def upper_cache_path(dataset, sigmas, class_conditional: bool = False, num_samples: int = LOO_SAMPLES,
+                     seed: int = 0) -> Path:
+    """`$EDM_OPT_CACHE/jstar_up/<fingerprint>-<hash of every parameter that changes the numbers>.json`."""
+    params = {"sigmas": [float(s) for s in np.asarray(sigmas, dtype=np.float64)], "num_samples": num_samples,
+              "seed": seed, "class_conditional": class_conditional, "format": FORMAT_VERSION}
+    return cache_dir() / "jstar_up" / f"{dataset.fingerprint}-{_params_hash(params)}.json"
+
+
+def _load_upper(path: Path, fingerprint: str, sigmas) -> UpperBound | None:
+    try:
+        d = json.loads(path.read_text())
+        if d.get("dataset", {}).get("fingerprint") != fingerprint:
+            return None
+        upper = UpperBound.from_json(d)
+        upper.check_grid(sigmas)
+        return upper
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # a stale or damaged cache entry is recomputed
+
+
+def upper_bound_for_dataset(dataset, sigmas, class_conditional: bool = False, num_samples: int = LOO_SAMPLES,
+                            seed: int = 0, device=None, progress: bool = False, use_cache: bool = True,
+                            wait: bool = False, timeout_s: float = 6 * 3600) -> UpperBound:
+    """J*_up of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar_up/`.
+
+    `wait` (ranks other than 0 before the process group exists): wait for rank 0 to write the cache entry.
+    """
+    if class_conditional and dataset.labels is None:
+        raise JStarMismatch(f"{dataset.spec.source}: class-conditional J*_up needs labels, and this dataset has none")
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    path = upper_cache_path(dataset, sigmas, class_conditional, num_samples, seed)
+    deadline = time.monotonic() + timeout_s
+    while wait and not path.exists():
+        if time.monotonic() > deadline:
+            raise JStarMismatch(f"timed out waiting for rank 0 to write {path}")
+        time.sleep(1.0)
+    if (use_cache or wait) and path.exists():
+        upper = _load_upper(path, dataset.fingerprint, sigmas)
+        if upper is not None:
+            return upper
+        if wait:
+            raise JStarMismatch(f"{path}: rank 0 wrote a J*_up entry that does not belong to this data")
+    upper = estimate_upper_bound(dataset.to_float(), sigmas, dataset.labels if class_conditional else None,
+                                 num_samples, seed, device, progress)
+    upper.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
+                             "preprocessing": dataset.preprocessing}
+    if use_cache:
+        write_json(path, upper.to_json())
+    return upper
+
+
 def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
                          num_samples: int | None = None, subset_size: int | None = None,
                          correction: float | None = None, seed: int = 0, device=None, progress: bool = False,
-                         use_cache: bool = True) -> tuple[OptimalLossTable, Path | None]:
-    """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`."""
+                         use_cache: bool = True, upper: bool = False) -> tuple[OptimalLossTable, Path | None]:
+    """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`.
+
+    `upper`: also attach J*_up (`upper_bound_for_dataset`, its own cache entry) as `table.upper`.
+    """
     if class_conditional and dataset.labels is None:
         raise JStarMismatch(f"{dataset.spec.source}: class-conditional J* needs labels, and this dataset has none")
     sigmas = np.asarray(sigmas, dtype=np.float64)
     path = jstar_cache_path(dataset, sigmas, estimator, class_conditional, num_samples, subset_size, correction,
                             seed)
+    table = None
     if use_cache and path.exists():
         try:
-            return OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas), path
+            table = OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas)
         except JStarMismatch:
             pass  # a stale or damaged cache entry is recomputed below
-    table = estimate_optimal_loss(dataset.to_float(), sigmas, estimator, num_samples, subset_size, correction,
-                                  dataset.labels if class_conditional else None, seed, device, progress)
-    table.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
-                             "preprocessing": dataset.preprocessing}
-    if use_cache:
-        table.save(path)
-        return table, path
-    return table, None
+    if table is None:
+        table = estimate_optimal_loss(dataset.to_float(), sigmas, estimator, num_samples, subset_size, correction,
+                                      dataset.labels if class_conditional else None, seed, device, progress)
+        table.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
+                                 "preprocessing": dataset.preprocessing}
+        if use_cache:
+            table.save(path)
+    if upper:
+        table.upper = upper_bound_for_dataset(dataset, sigmas, class_conditional, device=device, progress=progress,
+                                              use_cache=use_cache)
+    return table, path if use_cache else None
 
 
 def resolve_jstar(spec: str, dataset, sigmas, class_conditional: bool, device=None, progress: bool = True,
-                  wait: bool = False, timeout_s: float = 6 * 3600) -> tuple[OptimalLossTable, Path]:
+                  wait: bool = False, timeout_s: float = 6 * 3600, upper: bool = False,
+                  echo=print) -> tuple[OptimalLossTable, Path]:
     """`--jstar PATH|auto`: load and check a table, or estimate with cDOL defaults into the cache.
 
     `wait` (ranks other than 0 before the process group exists): wait for rank 0 to write the cached table.
+    `upper` (the schedules that need J*_up): a table without it gets J*_up from its own cache, computed there
+    by rank 0 if missing (`echo` says so, naming the table); a table that holds J*_up keeps its own.
     """
     if spec and spec != "auto":
-        return OptimalLossTable.load(spec, dataset.fingerprint, class_conditional, sigmas), Path(spec)
-    if wait:
+        table, path = OptimalLossTable.load(spec, dataset.fingerprint, class_conditional, sigmas), Path(spec)
+    elif wait:
         path = jstar_cache_path(dataset, sigmas, "cdol", class_conditional)
         deadline = time.monotonic() + timeout_s
         while not path.exists():
             if time.monotonic() > deadline:
                 raise JStarMismatch(f"timed out waiting for rank 0 to write {path}")
             time.sleep(1.0)
-        return OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas), path
-    return estimate_for_dataset(dataset, sigmas, "cdol", class_conditional, device=device, progress=progress)
+        table = OptimalLossTable.load(path, dataset.fingerprint, class_conditional, sigmas)
+    else:
+        table, path = estimate_for_dataset(dataset, sigmas, "cdol", class_conditional, device=device,
+                                           progress=progress)
+    if upper and table.upper is None:
+        cached = upper_cache_path(dataset, sigmas, class_conditional)
+        if not wait and not cached.exists():
+            echo(f"{path} has no J*_up; computing it from the data into {cached} (once per dataset)")
+        table.upper = upper_bound_for_dataset(dataset, sigmas, class_conditional, device=device, progress=progress,
+                                              wait=wait, timeout_s=timeout_s)
+    return table, path

@@ -57,6 +57,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         r.base_schedule = r.base_schedule or ("edm2" if preset.arch == "edm2" else "edm")
     else:
         r.base_schedule = None
+    _resolve_variant(r, preset)
     uses_fm = r.schedule == "fm" or r.base_schedule == "fm"
     r.precond = r.precond or ("fm" if uses_fm else "edm")
     r.P_mean = preset.P_mean if r.P_mean is None else float(r.P_mean)
@@ -93,6 +94,52 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         setattr(r, key, max(r.batch, int(round(value / r.batch)) * r.batch))
     r.run_name = r.run_name or r.default_run_name()
     return r
+
+
+def _resolve_variant(r: TrainConfig, preset) -> None:
+    """The optimal schedule's variant and the constants it uses (method.md section 4.3); options that the
+    run's schedule or variant does not use are errors rather than silently ignored."""
+    from .schedule import DEFAULT_VARIANT, VARIANT_DEFAULTS
+
+    constants = ("opt_gamma", "opt_clip_lo", "opt_clip_hi", "opt_tau")
+    if r.schedule != "optimal":
+        given = [k for k in ("opt_variant",) + constants if getattr(r, k) is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: applies to --schedule optimal only, and this run's schedule is "
+                              f"{r.schedule}")
+        return
+    r.opt_variant = r.opt_variant or DEFAULT_VARIANT
+    defaults = VARIANT_DEFAULTS.get(r.opt_variant, {})
+    for key in constants:
+        name = key.removeprefix("opt_")
+        if name in defaults:
+            setattr(r, key, defaults[name] if getattr(r, key) is None else getattr(r, key))
+        elif getattr(r, key) is not None:
+            users = [v for v, d in VARIANT_DEFAULTS.items() if name in d]
+            raise ConfigError(f"{key}: the {r.opt_variant} variant does not use it (only {', '.join(users)})")
+    if r.opt_clip_lo is not None and not r.opt_clip_lo < r.opt_clip_hi:
+        raise ConfigError(f"opt_clip_lo {r.opt_clip_lo} must be below opt_clip_hi {r.opt_clip_hi}")
+    if r.opt_bump and r.opt_variant != "paper":
+        raise ConfigError(f"opt_bump: only the paper variant has the bump, not {r.opt_variant}")
+    if r.opt_variant == "edm2-tilt" and preset.arch != "edm2":
+        raise ConfigError(f"opt_variant: edm2-tilt learns EDM2's log-variance and needs an EDM2 preset, "
+                          f"{r.preset} is {preset.arch}")
+
+
+def needs_upper(r: TrainConfig) -> bool:
+    """Whether the run's schedule uses J*_up (the floor variant)."""
+    return r.schedule == "optimal" and r.opt_variant == "floor"
+
+
+def describe_schedule(r: TrainConfig) -> str:
+    """`optimal (floor on edm2: gamma 1, clip [0.25, 4], mix 0.2)`, or the base schedule's name."""
+    if r.schedule != "optimal":
+        return r.schedule
+    parts = [f"gamma {r.opt_gamma:g}", f"clip [{r.opt_clip_lo:g}, {r.opt_clip_hi:g}]"] if r.opt_gamma is not None else []
+    if r.opt_tau is not None:
+        parts.append(f"tau {r.opt_tau:g}")
+    parts.append(f"mix {r.opt_mix:g}")
+    return f"optimal ({r.opt_variant} on {r.base_schedule}: {', '.join(parts)})"
 
 
 def heldout_floor(grid_size: int, per_sigma: int) -> float:
@@ -165,7 +212,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     r = resolve_config(cfg)
     env = D.read_env(r.device)
     from .data import load_dataset
-    from .optimal_loss import resolve_jstar
+    from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
     from .rundir import RunDir
 
     dataset = load_dataset(r.data, r.resolution, r.xflip, progress=env.is_main)
@@ -183,7 +230,10 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         torch.set_num_threads(max(threads, os.cpu_count() or 1))
     try:
         jstar, jstar_path = resolve_jstar(r.jstar, dataset, grid, r.class_conditional, device=env.device,
-                                          progress=env.is_main, wait=not env.is_main and r.jstar == "auto")
+                                          progress=env.is_main, wait=not env.is_main,
+                                          upper=needs_upper(r), echo=echo if env.is_main else lambda line: None)
+        if jstar.upper is None and upper_cache_path(dataset, grid, r.class_conditional).exists():
+            jstar.upper = upper_bound_for_dataset(dataset, grid, r.class_conditional)  # logged when known
     finally:
         torch.set_num_threads(threads)
     D.init(env)
@@ -213,6 +263,7 @@ class Trainer:
         self.jstar, self.jstar_path, self.run_dir, self.prior, self.echo = jstar, jstar_path, run, prior, echo
         self.device = env.device
         self.stop_signal: int | None = None
+        self.starved: set[str] = set()  # bands of the grid the last status warned about
         self.logger = None
         self.history: dict = {}
         self.timers = {"steps": 0.0, "heldout": 0.0, "snapshots": 0.0, "checkpoints": 0.0, "fid": 0.0}
@@ -244,9 +295,11 @@ class Trainer:
         net = ARCHITECTURES[self.preset.arch](**self.net_kwargs).to(self.device).train()
         self.schedule = make_schedule(
             r.schedule, self.grid, LogNormal(r.P_mean, r.P_std), self.jstar, r.base_schedule, net.sigma_data,
-            r.opt_decay, refresh=r.opt_refresh, mix=r.opt_mix, floor=r.opt_floor, warmup_count=r.opt_warmup_count,
-            warmup_mass=r.opt_warmup_mass, jstar_floor=r.opt_jstar_floor, sigma_star_fraction=r.opt_sigma_star,
-            bump=r.opt_bump, bump_height=r.opt_bump_height, importance_correction=r.importance_correction)
+            r.opt_decay, r.opt_variant, refresh=r.opt_refresh, mix=r.opt_mix, floor=r.opt_floor,
+            warmup_count=r.opt_warmup_count, warmup_mass=r.opt_warmup_mass, jstar_floor=r.opt_jstar_floor,
+            sigma_star_fraction=r.opt_sigma_star, bump=r.opt_bump, bump_height=r.opt_bump_height,
+            importance_correction=r.importance_correction, gamma=r.opt_gamma, clip_lo=r.opt_clip_lo,
+            clip_hi=r.opt_clip_hi, tau=r.opt_tau)
         if not self.schedule.uses_logvar:  # the log-variance head is trained only by the edm2 schedule
             for name, p in net.named_parameters():
                 if name.startswith("logvar_"):
@@ -338,6 +391,8 @@ class Trainer:
             tags = {"edm_opt.dataset_fingerprint": self.dataset.fingerprint, "edm_opt.jstar_sha256": _sha256(self.jstar_path),
                     "edm_opt.git_commit": git_commit(), "edm_opt.schedule": r.schedule, "edm_opt.preset": r.preset,
                     "edm_opt.duration": r.duration, "edm_opt.run_dir": str(self.run_dir.path)}
+            if r.opt_variant:
+                tags["edm_opt.opt_variant"] = r.opt_variant
             if r.parent_run_id:
                 tags["edm_opt.sweep"] = r.parent_run_id
             if r.cell_hash:
@@ -350,10 +405,12 @@ class Trainer:
                                    "jstar": {"estimator": self.jstar.meta.get("estimator"),
                                              "ref_total": self.jstar.ref_total()}}))
             self.logger.log_params(flatten(params))
+            up = {} if self.jstar.upper is None else {
+                f"jstar_up/sigma_{sigma_key(s)}": float(v) for s, v in zip(self.grid, self.jstar.upper.values)}
             self.logger.log_metrics({"model/param_count": self.param_count,
                                      "compute/flops_per_image": self.flops_per_image,
-                                     **{f"jstar/sigma_{sigma_key(s)}": float(v) for s, v in zip(self.grid, self.jstar.values)}},
-                                    step=0)
+                                     **{f"jstar/sigma_{sigma_key(s)}": float(v) for s, v in zip(self.grid, self.jstar.values)},
+                                     **up}, step=0)
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             cfg_path = self.run_dir.path / "config.json"
             write_json(cfg_path, r.to_dict())
@@ -411,7 +468,7 @@ class Trainer:
     def _announce(self) -> None:
         r, env = self.r, self.env
         self.echo(f"run {r.run_name}: {self.param_count:,} parameters, {self.flops_per_image / 1e6:.2f} MFLOP/img "
-                      f"(fwd+bwd), schedule {r.schedule}, {format_nimg(r.duration)} images, batch {r.batch}, "
+                      f"(fwd+bwd), schedule {describe_schedule(r)}, {format_nimg(r.duration)} images, batch {r.batch}, "
                       f"{env.world_size} rank(s) on {self.device}\n  run dir {self.run_dir.path}\n"
                       f"  MLflow run {self.logger.run_id} at {self.logger.uri}")
 
@@ -530,7 +587,9 @@ class Trainer:
         jstar = self.jstar.values
         m = per_sigma_metrics(self.grid, ema_loss, ema_se, jstar, raw_loss)
         m.update(self.schedule.tracker.metrics())
-        m.update(self.schedule.metrics())
+        logvar_grid = self._logvar_grid()
+        m.update(self.schedule.metrics(logvar_grid))
+        self._warn_starved()
         m.update({"loss/train": train_loss, "train/lr": lr, "perf/img_per_s": img_per_s,
                   "compute/flops_total": float(self.flops_per_image) * self.nimg, **_system_metrics(self.device)})
         self.logger.log_metrics(m, step=self.nimg)
@@ -548,6 +607,29 @@ class Trainer:
         self.echo(line)
         self.run_dir.log(line)
 
+    def _logvar_grid(self) -> np.ndarray | None:
+        """EDM2's learned log-variance u at the grid points, when the schedule trains it (for its loss shares)."""
+        if not self.schedule.uses_logvar:
+            return None
+        with torch.no_grad():
+            u = self.net.logvar(torch.tensor(self.grid, dtype=torch.float32, device=self.device))
+            return u.flatten().double().cpu().numpy()
+
+    def _warn_starved(self) -> None:
+        """One line when a band of the grid newly gets less than half of its base schedule's share (method.md 4.4)."""
+        from .schedule import starved_bands
+
+        if self.r.schedule != "optimal" or not getattr(self.schedule, "warm", False):
+            return
+        bad = starved_bands(self.grid, self.schedule.shares(self._logvar_grid()), self.schedule.base_shares())
+        new = [b for b in bad if b.split(":")[0] not in self.starved]
+        self.starved = {b.split(":")[0] for b in bad}
+        if new:
+            line = (f"warning: {format_nimg(self.nimg)} img: the {self.r.opt_variant} schedule gives less than half "
+                    f"of {self.r.base_schedule}'s share of the training signal to {'; '.join(new)}")
+            print(line, file=sys.stderr, flush=True)
+            self.run_dir.log(line)
+
     def _append_history(self, ema_loss, ema_se, raw_loss, m) -> None:
         h = self.history
         if not h:
@@ -563,6 +645,8 @@ class Trainer:
         h["loss_x0_batch"].append([None if math.isnan(v) else float(v) for v in self.schedule.tracker.ema.tolist()])
         p = getattr(self.schedule, "p", None)
         h["p_sigma"].append(None if p is None else [float(v) for v in p])
+        h.setdefault("share", [None] * (len(h["nimg"]) - 1)).append(  # histories from before shares: None
+            [m[f"sched/share_sigma_{sigma_key(s)}"] for s in self.grid])
         h["ref_total"].append(m["loss/ref_total"])
         h["flops_total"].append(m["compute/flops_total"])
 

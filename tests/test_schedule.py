@@ -71,7 +71,10 @@ def test_optimal_stays_on_base_during_warmup_then_follows_the_gap():
     share = (bin_index(sig, GRID) >= 18) & (bin_index(sig, GRID) <= 20)
     assert share.double().mean().item() == pytest.approx(s.p[18:21].sum().item(), abs=0.02)
     metrics = s.metrics()
-    assert len(metrics) == 32 and math.isclose(sum(metrics.values()), 1.0, rel_tol=1e-9)
+    for family in ("sched/p_sigma_", "sched/share_sigma_"):  # p and the loss shares, each a distribution
+        values = [v for k, v in metrics.items() if k.startswith(family)]
+        assert len(values) == 32 and math.isclose(sum(values), 1.0, rel_tol=1e-9)
+    assert len(metrics) == 64
 
 
 def test_importance_correction_undoes_the_sampling_change():

@@ -298,9 +298,13 @@ class EDM2Precond(nn.Module):
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:
-            logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-            return D_x, logvar
+            return D_x, self.logvar(sigma)
         return D_x
+
+    def logvar(self, sigma: torch.Tensor) -> torch.Tensor:
+        """EDM2's learned log-variance u(sigma) as B x 1 x 1 x 1 (an MP-Fourier embedding of ln(sigma)/4)."""
+        c_noise = torch.as_tensor(sigma, dtype=torch.float32).flatten().log() / 4
+        return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
 
 def prepare_labels(class_labels: torch.Tensor | None, label_dim: int, device) -> torch.Tensor | None:
