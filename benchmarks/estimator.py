@@ -4,6 +4,8 @@
    (queries x points^T, then weights x points) of exactly the estimator's shapes. Target <= 1.3 on CPU.
 2. cDOL over 32 sigmas, M = 2N = 120000 (above the default cap), L = 4096 on Fashion-MNIST train
    (60000 x 784): wall time, and the ratio to its GEMMs (one sigma's worth timed, per sigma). Target <= 1.5.
+3. J*_up (J*_lin + J*_LOO at its default M) against the J* table that training estimates (cDOL, defaults), on
+   digits and on Fashion-MNIST (--up-sigmas grid sigmas of both; both costs are per sigma).
 
 Repetitions are interleaved and the minimum is kept (the machines are shared and noisy).
 Usage: python benchmarks/estimator.py [--device cuda] [--fashion PATH] [--sigmas 32] [--skip-fashion]
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from edm_opt.diffusion import sigma_grid
-from edm_opt.optimal_loss import QUERY_BLOCK, estimate_optimal_loss
+from edm_opt.optimal_loss import QUERY_BLOCK, estimate_optimal_loss, estimate_upper_bound
 
 
 def sync(device):
@@ -67,6 +69,17 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
+def upper_vs_table(name: str, data: torch.Tensor, sigmas: np.ndarray, device) -> None:
+    """J*_up's time against the default cDOL table's, over the same sigmas."""
+    t_table = timed(lambda: estimate_optimal_loss(data, sigmas, "cdol", device=device), device)
+    up = estimate_upper_bound(data, sigmas, device=device)
+    t_up = sum(up.meta["wall_time_s"].values())
+    print(f"[J*_up] {name} N={data.shape[0]} D={data[0].numel()}, {len(sigmas)} sigmas: J* table (cDOL defaults) "
+          f"{t_table:.1f} s, J*_up {t_up:.1f} s (J*_lin {up.meta['wall_time_s']['lin']:.1f} s, J*_LOO "
+          f"{up.meta['wall_time_s']['loo']:.1f} s at M = {up.meta['params']['num_samples']}): "
+          f"{t_up / t_table:.2f}x the table")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -74,6 +87,7 @@ def main():
     ap.add_argument("--fashion", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--sigmas", type=int, default=32, help="sigmas of the Fashion-MNIST cDOL run")
     ap.add_argument("--skip-fashion", action="store_true")
+    ap.add_argument("--up-sigmas", type=int, default=8, help="sigmas of the J*_up vs J* table comparison")
     args = ap.parse_args()
     dev = args.device
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}")
@@ -89,13 +103,17 @@ def main():
     print(f"[full] N={n} D={d} M={m}: estimator {min(t_est):.3f} s, bare GEMMs {min(t_gemm):.3f} s, "
           f"ratio {min(t_est) / min(t_gemm):.3f} (target <= 1.3)")
 
+    from edm_opt.data import load_dataset
+
+    up_grid = sigma_grid(num=32)[np.linspace(0, 31, args.up_sigmas).round().astype(int)]
+    upper_vs_table("digits", load_dataset("digits").to_float(), up_grid, dev)
+
     if args.skip_fashion or not Path(args.fashion).exists():
         why = "--skip-fashion" if args.skip_fashion else f"{args.fashion} not found: apt-get install dataset-fashion-mnist"
         print(f"[cdol] skipped ({why})")
         return
-    from edm_opt.data import load_dataset
-
     data = load_dataset(args.fashion).to_float()
+    upper_vs_table("Fashion-MNIST", data, up_grid, dev)
     n, d = data.shape[0], data[0].numel()
     m, subset = 2 * n, 4096
     grid = sigma_grid(num=32)[np.linspace(0, 31, args.sigmas).round().astype(int)]

@@ -6,9 +6,11 @@
 2. Held-out evaluation's share of run time at the default status interval (duration / 64, at least
    training.heldout_floor). Target <= 5%.
 3. Images/s of edm2-mini on digits with 1 and 2 ranks (torchrun, CPU, gloo).
-4. With CUDA: edm2-img64-xs forward+backward images/s, fp32 vs bf16 autocast, with and without torch.compile.
+4. The optimal schedule's variants: mean optimiser-step time of each (tracking off, one status) against the
+   edm2 schedule's, same network and data; what the weight, the tilted sampler and the gap tracker cost.
+5. With CUDA: edm2-img64-xs forward+backward images/s, fp32 vs bf16 autocast, with and without torch.compile.
 
-Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks]
+Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks] [--only variants]
 """
 
 from __future__ import annotations
@@ -59,14 +61,16 @@ def tracking_off():
         tracking.RunLogger = real
 
 
-def one_run(preset: str, duration: str, status_every, logging: bool) -> dict:
+def one_run(preset: str, duration: str, status_every, logging: bool, **schedule) -> dict:
+    """One training run on digits in a temporary folder; `schedule` options default to the optimal schedule."""
     with tempfile.TemporaryDirectory() as d:
         cwd = os.getcwd()
         os.chdir(d)
         os.environ["EDM_OPT_CACHE"] = str(Path(tempfile.gettempdir()) / "edm-opt-bench-cache")
         try:
-            cfg = TrainConfig(data="digits", preset=preset, schedule="optimal", duration=duration,
-                              status_every=status_every, snapshot_every=duration, checkpoint_every=duration)
+            cfg = TrainConfig(data="digits", preset=preset, duration=duration, status_every=status_every,
+                              snapshot_every=duration, checkpoint_every=duration,
+                              **{"schedule": "optimal", **schedule})
             ctx = contextlib.nullcontext() if logging else tracking_off()
             with ctx:
                 t = time.perf_counter()
@@ -132,14 +136,35 @@ def gpu_throughput():
               f"({v / base:.2f}x fp32)")
 
 
+VARIANTS = {"edm2": {"schedule": "edm2"},
+            **{f"optimal {v}": {"opt_variant": v} for v in ("paper", "floor", "base-below", "edm2-tilt")}}
+
+
+def variant_step_times(repeats: int, duration: str) -> None:
+    """Mean optimiser-step time of each optimal variant against edm2's (tracking off, interleaved, min kept)."""
+    times = {name: [] for name in VARIANTS}
+    for _ in range(repeats):
+        for name, schedule in VARIANTS.items():
+            r = one_run("edm2-nano", duration, duration, False, **schedule)
+            times[name].append(r["timers"]["steps"] / r["steps_n"])
+    base = min(times["edm2"])
+    for name, t in times.items():
+        print(f"[variants] edm2-nano on digits, {name:<20}: step {min(t) * 1e3:6.2f} ms "
+              f"({100 * (min(t) / base - 1):+5.1f}% against edm2)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", default="16Ki")
     ap.add_argument("--skip-ranks", action="store_true")
+    ap.add_argument("--only", choices=["variants"], default=None, help="Run one section only.")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    one_run("edm2-nano", "2Ki", 512, True)  # warm caches: J*, mlflow import, sqlite creation
+    one_run("edm2-nano", "2Ki", 512, True)  # warm caches: J*, J*_up, mlflow import, sqlite creation
+    if args.only == "variants":
+        variant_step_times(args.repeats, args.duration)
+        return
 
     # Each status sends ~200 metrics; MLflow's SQLite store spends ~35 ms of CPU per 200, on cores training uses.
     for steps, what in ((24, "3Ki images: the densest cadence of the shipped sweeps"), (4, "stress")):
@@ -172,6 +197,7 @@ def main():
         print(f"[held-out]   {length:>5} images: default status every {cfg.status_every:>6} images, {evaluations:>2} "
               f"evaluations, {100 * share:4.1f}% of run time (target <= 5%)")
 
+    variant_step_times(args.repeats, args.duration)
     if not args.skip_ranks:
         one, two = ranks_throughput(1, args.duration), ranks_throughput(2, args.duration)
         print(f"[ranks] edm2-mini on digits: 1 rank {one:.0f} img/s, 2 ranks {two:.0f} img/s ({two / one:.2f}x)")

@@ -47,6 +47,11 @@ def plot_jstar(tables: dict, path: str | os.PathLike, title: str | None = None) 
         line, = ax.loglog(t.sigmas, v, marker=".", label=label)
         ax.fill_between(t.sigmas, np.maximum(t.values - 2 * t.stderr, floor), t.values + 2 * t.stderr,
                         color=line.get_color(), alpha=0.2, lw=0)
+    if ref.upper is not None:  # what a model that generalises can reach (method.md 4.2)
+        up = ref.upper
+        ax.loglog(up.sigmas, np.maximum(up.lin, floor), color="tab:purple", ls=":", lw=1, label="J*_lin")
+        ax.loglog(up.sigmas, np.maximum(up.loo, floor), color="tab:brown", ls=":", lw=1, label="J*_LOO")
+        ax.loglog(up.sigmas, np.maximum(up.values, floor), color="k", lw=1.5, alpha=0.6, label="J*_up = min")
     if "data_variance" in ref.meta:
         ax.axhline(ref.data_variance, color="grey", ls=":", lw=1, label="data variance")
     ax.axvline(ref.sigma_star, color="grey", ls="--", lw=1, label=f"sigma* = {ref.sigma_star:.3g}")

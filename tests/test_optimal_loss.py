@@ -11,7 +11,8 @@ from scipy import integrate
 from edm_opt.data import load_dataset
 from edm_opt.diffusion import edm_weight, reference_total, sigma_grid
 from edm_opt.optimal_loss import (JStarMismatch, OptimalLossTable, cache_dir, estimate_for_dataset,
-                                  estimate_optimal_loss, resolve_jstar)
+                                  estimate_optimal_loss, estimate_upper_bound, linear_optimal_loss, resolve_jstar,
+                                  upper_bound_for_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +201,117 @@ def test_conversions_and_totals():
     mid = np.sqrt(sig[2] * sig[3])  # log-linear in between
     assert t.interpolate(mid) == pytest.approx(np.sqrt(vals[2] * vals[3]))
     assert t.sigma_star == sig[0]  # only the first grid value is below 1e-3 x J*_max
+
+
+# --- J*_up: the linear and leave-one-out bounds (method.md section 4.2) ---------------------------
+
+
+def test_linear_bound_is_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(3)
+    lam = np.array([1.0, 0.3, 0.05, 0.01])
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    x = (torch.randn(50000, 4, generator=g, dtype=torch.float64) * torch.tensor(lam).sqrt()) @ rot.T + 0.7
+    sigmas = np.array([0.01, 0.1, 0.5, 1.0, 3.0, 30.0])
+    closed = np.array([np.sum(lam * s ** 2 / (lam + s ** 2)) / 4 for s in sigmas])
+    np.testing.assert_allclose(linear_optimal_loss(x, sigmas), closed, rtol=0.02)  # population eigenvalues
+    sample_lam = np.linalg.eigvalsh(np.cov(x.numpy().T, bias=True))
+    exact = np.array([np.sum(sample_lam * s ** 2 / (sample_lam + s ** 2)) / 4 for s in sigmas])
+    np.testing.assert_allclose(linear_optimal_loss(x, sigmas), exact, rtol=1e-9)  # the sample covariance's
+    # the loss of that linear denoiser, D(x~) = mu + S (S + sigma^2)^-1 (x~ - mu), measured directly at sigma = 1
+    mu, cov = x.mean(0), torch.cov(x.T, correction=0)
+    noisy = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
+    denoised = mu + (noisy - mu) @ torch.linalg.solve(cov + torch.eye(4, dtype=torch.float64), cov)
+    assert (denoised - x).square().mean().item() == pytest.approx(exact[3], rel=0.02)
+
+
+def test_linear_bound_per_class_shrinks_towards_the_pooled_covariance():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 16, generator=g, dtype=torch.float64)  # 3 classes of 20 points in 16 dimensions
+    labels = torch.arange(60) % 3
+    x[labels == 1] *= 2.0
+    sigmas = np.array([0.1, 1.0, 10.0])
+    got = linear_optimal_loss(x, sigmas, labels)
+    covs = [np.cov(x[labels == c].numpy().T, bias=True) for c in range(3)]
+    pooled = sum(covs) / 3
+    want = np.zeros(3)
+    for c in covs:
+        lam = np.clip(np.linalg.eigvalsh((20 * c + 16 * pooled) / (20 + 16)), 0, None)
+        want += np.array([np.sum(lam * s ** 2 / (lam + s ** 2)) for s in sigmas]) / 16 / 3
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # without shrinkage a class of 20 points in 16 dimensions would be nearly rank-deficient: the bound is higher
+    raw = np.mean([[np.sum(np.clip(np.linalg.eigvalsh(c), 0, None) * s ** 2 / (np.clip(np.linalg.eigvalsh(c), 0, None)
+                                                                                  + s ** 2)) / 16 for s in sigmas]
+                   for c in covs], axis=0)
+    assert np.all(got >= raw - 1e-12)
+
+
+def test_jstar_train_is_below_both_bounds_on_digits(digits, digits_x):
+    grid = sigma_grid(0.002, 80, 12)
+    train = estimate_optimal_loss(digits_x, grid, "full", num_samples=2048)
+    up = estimate_upper_bound(digits_x, grid, num_samples=1024)
+    tol = 3 * np.hypot(train.stderr, up.loo_stderr)
+    assert np.all(train.values <= up.loo + tol), (train.values - up.loo) / tol
+    assert np.all(train.values <= up.lin + 3 * train.stderr + 1e-12), train.values - up.lin
+    np.testing.assert_array_equal(up.values, np.minimum(up.lin, up.loo))
+    # the bounds are what the data allows a generalising model: far above J*_train below sigma* (~0.24)
+    low = grid < 0.1
+    assert np.all(up.values[low] > 1e3 * np.maximum(train.values[low], 1e-12))
+    assert up.values[-1] == pytest.approx(train.values[-1], rel=2e-3)  # sigma -> inf: the data variance
+    cond = estimate_upper_bound(digits_x, grid, labels=digits.labels, num_samples=1024)
+    train_c = estimate_optimal_loss(digits_x, grid, "full", labels=digits.labels, num_samples=1024)
+    assert np.all(train_c.values <= cond.values + 3 * np.hypot(train_c.stderr, cond.loo_stderr))
+
+
+def brute_force_loo(x: np.ndarray, sigma: float, m: int, seed: int) -> tuple[float, float]:
+    """J*_LOO by definition: the direct error of the posterior mean over the other points, float64, one query at
+    a time, own random draws (independent of the estimator's)."""
+    rng = np.random.default_rng(seed)
+    n, d = x.shape
+    vals = np.empty(m)
+    for q in range(m):
+        i = rng.integers(n)
+        noisy = x[i] + sigma * rng.standard_normal(d)
+        others = np.delete(x, i, axis=0)
+        logits = -((others - noisy) ** 2).sum(1) / (2 * sigma ** 2)
+        w = np.exp(logits - logits.max())
+        vals[q] = ((w @ others / w.sum() - x[i]) ** 2).sum() / d
+    return vals.mean(), vals.std(ddof=1) / np.sqrt(m)
+
+
+def test_leave_one_out_matches_brute_force(digits_x):
+    x = digits_x[:300]
+    sigmas = np.array([0.1, 0.5, 1.0, 2.0, 5.0])
+    up = estimate_upper_bound(x, sigmas, num_samples=6000, seed=2)
+    for k, s in enumerate(sigmas):
+        mean, se = brute_force_loo(x.reshape(300, -1).double().numpy(), s, 3000, seed=k)
+        assert abs(up.loo[k] - mean) <= 4 * np.hypot(se, up.loo_stderr[k]), (s, up.loo[k], mean, se)
+
+
+def test_upper_bound_round_trip_cache_and_resolve(tmp_path, digits):
+    grid = np.array([0.1, 1.0, 10.0])
+    table, _ = estimate_for_dataset(digits, grid, "cdol", num_samples=256, upper=True)
+    assert table.upper is not None and (cache_dir() / "jstar_up").is_dir()
+    path = table.save(tmp_path / "with-up.json")
+    back = OptimalLossTable.load(path, digits.fingerprint, False, grid)
+    np.testing.assert_array_equal(back.upper.values, table.upper.values)
+    assert "J*_LOO" in back.format() and "J*_up" in back.format()
+    cached = upper_bound_for_dataset(digits, grid)  # the cache entry, not a new estimate
+    assert cached.meta["wall_time_s"] == table.upper.meta["wall_time_s"]
+    # a table without J*_up gets it from the cache when a schedule needs it, and says so
+    bare, _ = estimate_for_dataset(digits, grid, "cdol", num_samples=256)
+    bare.upper = None
+    bare.save(tmp_path / "bare.json")
+    said = []
+    got, _ = resolve_jstar(str(tmp_path / "bare.json"), digits, grid, False, upper=True, echo=said.append)
+    np.testing.assert_array_equal(got.upper.values, table.upper.values)
+    got, _ = resolve_jstar(str(tmp_path / "bare.json"), digits, grid, False, upper=False)
+    assert got.upper is None
+    for entry in (cache_dir() / "jstar_up").iterdir():
+        entry.unlink()
+    resolve_jstar(str(tmp_path / "bare.json"), digits, grid, False, upper=True, echo=said.append)
+    assert len(said) == 1 and "bare.json has no J*_up" in said[0]
+    d = json.loads(path.read_text())
+    d["upper"]["loo"][1] = float("nan")
+    (tmp_path / "nan-up.json").write_text(json.dumps(d))
+    with pytest.raises(JStarMismatch, match="nan-up.json.*non-finite"):
+        OptimalLossTable.load(tmp_path / "nan-up.json")

@@ -1,7 +1,9 @@
 """Schedules (method.md sections 4 and 6), the gap tracker, the lr schedule and EMA profiles."""
 
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edm_opt.config import TrainConfig
+from edm_opt.config import ConfigError, TrainConfig
 from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, LogNormal, bin_index, edm_weight, sigma_grid
 from edm_opt.ema import EMA, parse_profiles, power_gamma
-from edm_opt.optimal_loss import OptimalLossTable
-from edm_opt.schedule import BinLossTracker, OptimalSchedule, clipped_expectation, make_schedule
-from edm_opt.training import lr_at
+from edm_opt.optimal_loss import OptimalLossTable, UpperBound
+from edm_opt.schedule import (DEFAULT_VARIANT, BinLossTracker, OptimalSchedule, clipped_expectation, make_schedule,
+                              starved_bands)
+from edm_opt.training import lr_at, resolve_config
 
 GRID = sigma_grid()
 
@@ -189,3 +192,183 @@ def test_ema_profiles():
     h = EMA(net, "halflife", 1000.0)
     assert h.beta(step=10, nimg=10 ** 6, batch=1000) == pytest.approx(0.5)
     assert h.beta(step=1, nimg=10000, batch=1000) == pytest.approx(0.5 ** 2)  # half-life ramped to 5% of nimg
+
+
+# --- the variants of method.md section 4.3 ---------------------------------------------------------
+
+
+def golden_schedule(base_schedule="edm2", **kw):
+    """The golden file's J* and tracker state, with a J*_up, fed through the schedule's own sampler."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from make_paper_schedule_golden import golden_state
+
+    jstar, gap = golden_state()
+    lin = 0.3 * GRID ** 2 / (0.3 + GRID ** 2)
+    jstar.upper = UpperBound(GRID, lin, np.maximum(jstar.values, 0) + 0.05, np.zeros(32))
+    s = make_schedule("optimal", GRID, LogNormal(-0.8, 1.6), jstar, base_schedule, **kw)
+    g = torch.Generator().manual_seed(0)
+    target = torch.tensor(np.maximum(jstar.values, 0) + gap)
+    for step in range(1, 257):
+        sigma = s.sample(64, g)
+        s.tracker.observe(sigma, target[bin_index(sigma, GRID)].float())
+        s.after_step(step, None)
+    return s, jstar
+
+
+def test_paper_variant_is_unchanged():
+    """`--opt-variant paper` gives the p, weights, constants and draws of the implementation before the
+    variants existed (tests/data/make_paper_schedule_golden.py, run at commit 8854907), bit for bit."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from make_paper_schedule_golden import run
+
+    gold = json.loads((Path(__file__).parent / "data" / "paper_schedule_golden.json").read_text())
+    for base in ("edm2", "fm"):
+        now = run(base)
+        for key, value in gold[base].items():
+            assert json.dumps(now[key]) == json.dumps(value), (base, key)
+
+
+def tilt_by_hand(base, t, seen, gamma, lo, hi, m):
+    """method.md 4.3's sampler written out in numpy: p = (1-m) base clip(T/T_bar)^gamma / Z + m base."""
+    base, t, seen = np.asarray(base), np.asarray(t), np.asarray(seen)
+    t_bar = (base[seen] * t[seen]).sum() / base[seen].sum()
+    ratio = np.where(seen, np.clip(t / t_bar, lo, hi), 1.0)
+    tilted = base * ratio ** gamma
+    return (1 - m) * tilted / tilted.sum() + m * base
+
+
+@pytest.mark.parametrize("variant,gamma", [("floor", 1.0), ("floor", 0.5), ("base-below", 1.0), ("edm2-tilt", None)])
+def test_tilted_sampler_follows_the_formula(variant, gamma):
+    s, jstar = golden_schedule(variant=variant, gamma=gamma)
+    assert s.warm
+    ema = s.tracker.ema.numpy()
+    seen = ~np.isnan(ema)
+    excess = np.where(seen, np.maximum(np.nan_to_num(ema) - np.maximum(jstar.values, s.jstar_floor), 0), 0)
+    t = excess / np.where(seen, ema, 1) if variant == "edm2-tilt" else s.grid_weight() * excess
+    want = tilt_by_hand(s.base.numpy(), t, seen, s.gamma, 0.25, 4.0, 0.2)
+    np.testing.assert_allclose(s.p.numpy(), want, rtol=1e-12)
+    assert s.p.sum().item() == pytest.approx(1.0)
+    ratio = s.p / s.base
+    assert ratio.min() >= 0.2 + 0.8 * 0.25 ** s.gamma / 4 ** s.gamma - 1e-9 and ratio.max() <= 0.2 + 0.8 * 16  # clip
+    assert s.gamma == (0.5 if variant == "edm2-tilt" else gamma)  # edm2-tilt's own default
+
+
+def test_gamma_zero_samples_from_the_base():
+    s, _ = golden_schedule(variant="floor", gamma=0.0)
+    assert s.warm and torch.allclose(s.p, s.base, rtol=1e-12, atol=0)
+
+
+def base_mean(s, p_mean=-0.8, p_std=1.6) -> float:
+    """E[w(sigma)] for ln sigma ~ N(p_mean, p_std^2) clipped to [0.002, 80], by adaptive quadrature (the weights are
+    too heavy-tailed at small sigma for a Monte-Carlo check at 1%)."""
+    from scipy import integrate
+    from scipy.stats import norm
+
+    lo, hi = np.log(0.002), np.log(80.0)
+    w = lambda z: s.weight(torch.tensor([np.exp(z)], dtype=torch.float64)).item()  # noqa: E731
+    knots = np.log(GRID)  # w is log-linear between grid points: integrate piece by piece
+    inner = sum(integrate.quad(lambda z: norm.pdf(z, p_mean, p_std) * w(z), a, b)[0]
+                for a, b in zip(knots[:-1], knots[1:]))
+    return inner + norm.cdf(lo, p_mean, p_std) * w(lo) + norm.sf(hi, p_mean, p_std) * w(hi)
+
+
+def test_floor_and_base_below_weights():
+    s, jstar = golden_schedule(variant="floor")
+    level = np.maximum(np.maximum(jstar.values, s.jstar_floor), jstar.upper.values)
+    np.testing.assert_allclose(s.grid_weight(), s.a / level, rtol=1e-12)  # a / max(J*_train, J*_up)
+    assert base_mean(s) == pytest.approx(1.0, rel=1e-4)  # E_base[w] = 1
+    b, jstar = golden_schedule(variant="base-below", tau=0.25)
+    j = int(np.nonzero(jstar.values >= 0.25 * jstar.values.max())[0][0])
+    assert b.sigma_j == GRID[j]
+    w = b.grid_weight()
+    np.testing.assert_allclose(w[j:], b.a / jstar.values[j:], rtol=1e-12)  # a / J* from sigma_j up
+    lam = edm_weight(GRID)
+    np.testing.assert_allclose(w[:j], b.a * lam[:j] / (jstar.values[j] * lam[j]), rtol=1e-12)  # lambda's shape below
+    just_below = torch.tensor([GRID[j] * (1 - 1e-9)], dtype=torch.float64)
+    assert b.weight(just_below).item() == pytest.approx(w[j], rel=1e-6)  # continuous at sigma_j
+    assert base_mean(b) == pytest.approx(1.0, rel=1e-4)
+    fm, _ = golden_schedule("fm", variant="base-below")
+    lam_fm = (1 + GRID) ** 2 / GRID ** 2
+    wf = fm.grid_weight()
+    np.testing.assert_allclose(wf[:j] / wf[0], lam_fm[:j] / lam_fm[0], rtol=1e-12)  # the fm weight's shape
+
+
+def test_edm2_tilt_learns_the_weight():
+    s, _ = golden_schedule(variant="edm2-tilt")
+    assert s.uses_logvar
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    err = torch.tensor([0.01, 0.1, 0.3])
+    u = torch.zeros(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(s.loss(err, sigma, u).sum(), u)
+    torch.testing.assert_close(grad, 1 - edm_weight(sigma) * err)  # optimum at exp(u) = lambda x err: EDM2's
+    with pytest.raises(ValueError, match="log-variance"):
+        s.loss(err, sigma, None)
+
+
+def test_loss_shares_of_every_schedule():
+    edm = make_schedule("edm", GRID, EDM_DENSITY)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        sigma = EDM_DENSITY.sample(256, g)
+        edm.tracker.observe(sigma, 0.1 * sigma.clamp(max=1) ** 2)
+    edm.tracker.flush()
+    ema = edm.tracker.ema.numpy()
+    mass = EDM_DENSITY.bin_mass(GRID) / EDM_DENSITY.bin_mass(GRID).sum()
+    want = np.nan_to_num(mass * edm_weight(GRID) * ema)
+    np.testing.assert_allclose(edm.shares(), want / want.sum(), rtol=1e-12)
+    assert len(edm.metrics()) == 32 and sum(edm.metrics().values()) == pytest.approx(1.0)
+    # EDM2 at the optimum of its log-variance, exp(u) = lambda J: the share is the sampling density itself
+    edm2 = make_schedule("edm2", GRID, EDM_DENSITY)
+    edm2.tracker.load_state_dict(edm.tracker.state_dict())
+    u = np.log(edm_weight(GRID) * ema)
+    seen = ~np.isnan(ema)
+    np.testing.assert_allclose(edm2.shares(u)[seen], mass[seen] / mass[seen].sum(), rtol=1e-9)
+    np.testing.assert_allclose(edm2.base_shares()[seen], mass[seen] / mass[seen].sum(), rtol=1e-9)
+
+
+def test_starved_bands():
+    share = np.where(GRID < 0.3, 0.5, 0.0) + np.where(GRID > 10, 0.001, 0.0)
+    base = np.where(GRID < 2, 0.2, 0.3)
+    bad = starved_bands(GRID, share / share.sum(), base / base.sum())
+    assert [b.split(":")[0] for b in bad] == ["sigma 0.3-2", "sigma 2-10", "sigma > 10"]
+    assert starved_bands(GRID, base / base.sum(), base / base.sum()) == []
+    # paper, fed the golden state, starves sigma >= 2 against edm2 (method.md 4.1); floor does not starve 0.3-2
+    paper, _ = golden_schedule(variant="paper")
+    names = [b.split(":")[0] for b in starved_bands(GRID, paper.shares(), paper.base_shares())]
+    assert "sigma 2-10" in names and "sigma > 10" in names
+
+
+def test_variant_options_are_checked():
+    for cfg, needle in [({"opt_variant": "best"}, "opt_variant"), ({"opt_gamma": -1}, "opt_gamma"),
+                        ({"opt_clip_lo": 4, "opt_clip_hi": 0.25}, "opt_clip_lo"), ({"opt_gamma": "big"}, "opt_gamma"),
+                        ({"opt_tau": 0}, "opt_tau"), ({"opt_clip_lo": 0}, "opt_clip_lo")]:
+        with pytest.raises(ConfigError, match=needle):
+            TrainConfig.from_dict({"schedule": "optimal", **cfg})
+    for cfg, needle in [({"schedule": "edm2", "opt_variant": "floor"}, "opt_variant"),
+                        ({"schedule": "optimal", "opt_variant": "paper", "opt_gamma": 1}, "opt_gamma"),
+                        ({"schedule": "optimal", "opt_variant": "floor", "opt_tau": 0.5}, "opt_tau"),
+                        ({"schedule": "optimal", "opt_variant": "floor", "opt_clip_lo": 5.0}, "opt_clip_lo"),
+                        ({"schedule": "optimal", "opt_variant": "floor", "opt_bump": True}, "opt_bump"),
+                        ({"schedule": "optimal", "opt_variant": "edm2-tilt", "preset": "ddpmpp-tiny"}, "edm2-tilt")]:
+        with pytest.raises(ConfigError, match=needle):
+            resolve_config(TrainConfig.from_dict(cfg))
+    r = resolve_config(TrainConfig.from_dict({"schedule": "optimal"}))
+    assert (r.opt_variant, r.opt_gamma, r.opt_clip_lo, r.opt_clip_hi, r.opt_tau) == (DEFAULT_VARIANT, 1.0, 0.25, 4.0, None)
+    r = resolve_config(TrainConfig.from_dict({"schedule": "optimal", "opt_variant": "base-below"}))
+    assert r.opt_tau == 0.25
+
+
+def test_runs_from_before_the_variants_keep_their_names_and_resume():
+    old = resolve_config(TrainConfig.from_dict({"schedule": "optimal", "opt_variant": "paper"}))
+    stored = {k: v for k, v in old.to_dict().items() if k not in TrainConfig.ADDED}  # a run.json of before
+    assert not set(TrainConfig.ADDED) & set(old.hashed())
+    assert old.resume_conflicts(stored) == []
+    floor = resolve_config(TrainConfig.from_dict({"schedule": "optimal"}))
+    assert floor.resume_conflicts(stored) == ["opt_clip_hi", "opt_clip_lo", "opt_gamma", "opt_variant"]
+    assert floor.config_hash() != old.config_hash()
+    edm2 = resolve_config(TrainConfig.from_dict({"schedule": "edm2"}))
+    assert not set(TrainConfig.ADDED) & set(edm2.hashed())

@@ -66,8 +66,10 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
         keys += [f"loss_x0/sigma_{k}", f"loss_x0_raw/sigma_{k}", f"gap/sigma_{k}", f"jstar/sigma_{k}",
                  f"stderr/sigma_{k}"]
     keys += [f"loss_x0_batch/sigma_{sigma_key(sigma_grid(0.002, 80, 5)[2])}"]  # a central bin: always sampled
-    if schedule == "optimal":
+    keys += [f"sched/share_sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]  # every schedule
+    if schedule == "optimal":  # the default variant, floor: p and J*_up
         keys += [f"sched/p_sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]
+        keys += [f"jstar_up/sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]
     missing = [k for k in keys if k not in m]
     assert not missing, missing
     assert m["gap/ref_total"] == pytest.approx(m["loss/ref_total"] - m["jstar/ref_total"])
@@ -79,6 +81,11 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
               "edm_opt.preset"):
         assert tags.get(t), t
     assert tags["edm_opt.schedule"] == schedule and r.data.params["schedule"] == schedule
+    if schedule == "optimal":
+        assert tags["edm_opt.opt_variant"] == r.data.params["opt_variant"] == "floor"
+        assert r.data.params["opt_gamma"] == "1.0" and r.data.params["schedule.variant"] == "floor"
+    shares = [m[f"sched/share_sigma_{sigma_key(s)}"] for s in sigma_grid(0.002, 80, 5)]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
     d = run_dir(tmp_path)
     assert [p.name for p in sorted(d.glob("snapshot-*.pt"))] == ["snapshot-000000256.pt", "snapshot-000000512.pt"]
     assert len(list(d.glob("checkpoint-*.pt"))) == 2  # rotating: the last two
@@ -86,6 +93,7 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     assert snap["nimg"] == 512 and snap["network"]["preset"] == "edm2-nano"
     hist = json.loads((d / "per_sigma.json").read_text())
     assert hist["nimg"] == [128, 256, 384, 512] and len(hist["loss_x0"][0]) == 5
+    assert len(hist["share"]) == 4 and hist["share"][-1] == pytest.approx(shares)
     arts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"per_sigma.json", "config.json", "jstar.json", "gap.png", "samples"} <= arts
 
@@ -195,6 +203,11 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
     other, _ = estimate_for_dataset(load_dataset("digits", resolution=12), sigma_grid(0.002, 80, 5), num_samples=256)
     other.save(tmp_path / "other.json")
     fails(TINY + ["--jstar", str(tmp_path / "other.json")], "other.json")
+    fails(TINY + ["--schedule", "optimal", "--opt-variant", "best"], "best")
+    fails(TINY + ["--schedule", "optimal", "--opt-gamma", "-1"], "opt_gamma")
+    fails(TINY + ["--schedule", "optimal", "--opt-clip-lo", "4", "--opt-clip-hi", "2"], "opt_clip_lo")
+    fails(TINY + ["--schedule", "edm2", "--opt-variant", "floor"], "opt_variant")
+    assert not (tmp_path / "runs").exists()  # nothing started
     run(TRAIN + TINY + ["--duration", "128", "--run-name", "r1"], tmp_path)
     fails(TINY + ["--duration", "256", "--run-name", "r1", "--lr", "0.5"], "'lr'")
     c = client(tmp_path)
@@ -284,3 +297,25 @@ def test_default_status_interval_bounds_heldout_share():
     assert status_every(duration="64Ki", heldout_per_sigma=8) < short  # smaller held-out set, denser curve
     assert status_every(duration="64Ki", sigmas="0.002:80:8") < short
     assert status_every(duration="64Ki", status_every="3Ki") == 3072  # explicit wins
+
+
+@pytest.mark.slow
+def test_every_variant_trains_and_logs_its_constants(tmp_path):
+    for variant, base in (("paper", "edm2"), ("base-below", "fm"), ("edm2-tilt", "edm2")):
+        run(TRAIN + TINY + ["--schedule", "optimal", "--opt-variant", variant, "--base-schedule", base,
+                            "--run-name", variant, "--opt-refresh", "1", "--opt-warmup-count", "1"], tmp_path)
+    c = client(tmp_path)
+    runs = {r.info.run_name: r for r in c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    paper, below, tilt = runs["paper"].data, runs["base-below"].data, runs["edm2-tilt"].data
+    assert paper.params["opt_gamma"] == "None" and "schedule.w_max" in paper.params
+    assert below.params["opt_tau"] == "0.25" and float(below.params["schedule.sigma_j"]) > 0
+    assert below.params["precond"] == "fm" and below.tags["edm_opt.opt_variant"] == "base-below"
+    assert tilt.params["opt_gamma"] == "0.5" and "schedule.a" not in tilt.params
+    # edm2-tilt learns EDM2's log-variance: the head moved away from its initial weights
+    d = tmp_path / "runs" / "edm-opt"
+    start = torch.load(sorted((d / "paper").glob("checkpoint-*.pt"))[-1], weights_only=True)["net"]
+    end = torch.load(sorted((d / "edm2-tilt").glob("checkpoint-*.pt"))[-1], weights_only=True)["net"]
+    assert torch.equal(start["logvar_linear.weight"], end["logvar_linear.weight"]) is False
+    p = [tilt.metrics[f"sched/p_sigma_{sigma_key(s)}"] for s in sigma_grid(0.002, 80, 5)]
+    assert sum(p) == pytest.approx(1.0) and max(p) != min(p)
