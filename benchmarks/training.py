@@ -181,7 +181,7 @@ def main():
     # raw weights) per default status interval (duration/64, floored by training.heldout_floor). Measure both
     # costs once, then the share for runs of several lengths.
     from edm_opt.config import parse_nimg
-    from edm_opt.training import resolve_config
+    from edm_opt.config import resolve_config
 
     n = parse_nimg(args.duration)
     r = one_run("edm2-mini", args.duration, n // 8, True)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from . import EdmOptError, __version__
+from .config import DATA_HELP, TrainConfig, format_nimg, load_yaml, resolve_config
 from .demo import FID_IMAGES, FID_REF_IMAGES, SWEEP_FILE
 
-DATA_HELP = ("'digits' (built in), a directory of IDX files (e.g. /usr/share/datasets/fashion-mnist), "
-             "a *-ubyte[.gz] file, an EDM .zip or folder of PNGs, a .npz, or the CIFAR-10 python tarball")
 
 
 class _Command(click.Command):
@@ -130,97 +130,35 @@ def estimate(source, resolution, xflip, estimator, sigmas, class_conditional, nu
 # --------------------------------------------------------------------------------------------------
 # edm-opt train (also `torchrun runners/train.py`)
 
-_B = dict(type=bool, default=None)
-TRAIN_OPTIONS = [
-    # data and model
-    (("--data",), dict(help=f"Training data: {DATA_HELP}. [default: digits]")),
-    (("--resolution",), dict(type=int, help="Pad (smaller images) or resize to RxR; part of the data fingerprint.")),
-    (("--xflip/--no-xflip",), dict(default=None, help="Add mirrored copies to the data (J* is estimated on them).")),
-    (("--class-conditional/--unconditional",), dict(default=None,
-     help="Condition on labels; J* is then class-conditional. [default: the preset's; ImageNet presets are conditional]")),
-    (("--preset",), dict(help="Network preset (`edm-opt networks` lists them). [default: edm2-mini]")),
-    (("--precond",), dict(type=click.Choice(["edm", "ve", "vp", "fm"]),
-     help="Preconditioning c_skip/c_out/c_in. [default: fm for the fm schedule or base, else edm]")),
-    (("--dropout",), dict(type=float, help="Dropout probability. [default: the preset's]")),
-    # schedule
-    (("--schedule",), dict(type=click.Choice(["edm", "edm2", "fm", "optimal"]),
-     help="Loss weight and sigma sampling: edm (log-normal, lambda), edm2 (+ learned log-variance), fm (flow "
-          "matching), optimal (a/J* weight, p ~ weighted gap). [default: edm2]")),
-    (("--base-schedule",), dict(type=click.Choice(["edm", "edm2", "fm"]),
-     help="What `optimal` starts from and mixes with. [default: edm2 for EDM2 presets, edm otherwise]")),
-    (("--P-mean", "P_mean"), dict(type=float, help="Mean of ln sigma of the base log-normal. [default: the preset's]")),
-    (("--P-std", "P_std"), dict(type=float, help="Std of ln sigma of the base log-normal. [default: the preset's]")),
-    (("--jstar",), dict(help="J* table (JSON from `edm-opt estimate`), or 'auto': cDOL into the cache. [default: auto]")),
-    (("--sigmas",), dict(help="sigma grid MIN:MAX:COUNT for J*, gaps and the optimal schedule's bins. "
-                              "[default: 0.002:80:32]")),
-    (("--opt-variant",), dict(type=click.Choice(["paper", "floor", "base-below", "edm2-tilt"]),
-     help="optimal: which form of the schedule (method.md 4.3). floor: weight a/max(J*_train, J*_up), base density "
-          "tilted by the weighted gap; base-below: a/J* above sigma_j, the base weight's shape below; edm2-tilt: "
-          "EDM2's learned weight, tilted by the reducible fraction of the loss; paper: the literal a min(1/J*, "
-          "w_max) with p ~ the weighted gap (loses to its base in every run measured). [default: floor]")),
-    (("--opt-gamma",), dict(type=float, help="optimal, tilted variants: exponent of the tilt, 0 = the base "
-                                             "density. [default: 1; 0.5 for edm2-tilt]")),
-    (("--opt-clip-lo",), dict(type=float, help="optimal, tilted variants: lower clip of the tilt ratio "
-                                               "T_b/T_bar. [default: 0.25]")),
-    (("--opt-clip-hi",), dict(type=float, help="optimal, tilted variants: upper clip of the tilt ratio. [default: 4]")),
-    (("--opt-tau",), dict(type=float, help="optimal, base-below: sigma_j = smallest grid sigma with J* >= tau "
-                                           "J*_max. [default: 0.25]")),
-    (("--opt-refresh",), dict(type=int, help="optimal: optimiser steps between updates of p. [default: 64]")),
-    (("--opt-decay",), dict(type=float, help="optimal: per-step EMA decay of the per-bin batch loss. [default: 0.99]")),
-    (("--opt-mix",), dict(type=float, help="optimal: share m of the base distribution in p. [default: 0.2]")),
-    (("--opt-floor",), dict(type=float, help="optimal, paper: floor added to the weighted gaps, x their mean. "
-                                             "[default: 0.01]")),
-    (("--opt-warmup-count",), dict(type=int, help="optimal: samples per bin before p leaves the base. [default: 16]")),
-    (("--opt-warmup-mass",), dict(type=float, help="optimal: bins with base mass above this need them. [default: 0.01]")),
-    (("--opt-jstar-floor",), dict(type=float, help="optimal: J* floor, x the data variance. [default: 1e-6]")),
-    (("--opt-sigma-star",), dict(type=float, help="optimal, paper: sigma* = largest sigma with J* < this x J*_max; "
-                                                  "w_max = 1/J*(sigma*). [default: 1e-3]")),
-    (("--opt-bump/--no-opt-bump",), dict(default=None, help="optimal, paper: Gaussian bump in ln sigma below sigma*.")),
-    (("--opt-bump-height",), dict(type=float, help="optimal, paper: height of the bump. [default: 1]")),
-    (("--importance-correction/--no-importance-correction",), dict(default=None,
-     help="optimal: divide the loss by p/base (ablations only). [default: off]")),
-    # optimisation
-    (("--duration",), dict(help="Training length in images: 5000, 256Ki, 8Mi. [default: 256Ki]")),
-    (("--batch",), dict(type=int, help="Global batch (images per optimiser step). [default: the preset's]")),
-    (("--batch-gpu",), dict(type=int, help="Per-rank micro-batch cap; the rest is gradient accumulation.")),
-    (("--lr",), dict(type=float, help="Reference learning rate alpha_ref. [default: the preset's]")),
-    (("--lr-tref",), dict(type=float, help="Images before the 1/sqrt decay starts (0: none). [default: the preset's]")),
-    (("--lr-warmup",), dict(type=float, help="Warm-up in images, capped at 5% of the duration. [default: the preset's]")),
-    (("--ema",), dict(help="EMA profiles, the first is used for snapshots and evaluation: power:0.10 (EDM2 "
-                           "sigma_rel), halflife:500000 (images). [default: the preset's]")),
-    (("--seed",), dict(type=int, help="Seed of initialisation, data order, noise. [default: 0]")),
-    (("--precision",), dict(type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision. [default: fp32]")),
-    (("--compile/--no-compile",), dict(default=None, help="torch.compile the network. [default: off]")),
-    (("--device",), dict(help="auto, cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK. [default: auto]")),
-    # measurement
-    (("--status-every",), dict(help="Images between held-out evaluations and status lines. [default: duration/64; shorter runs than "
-                                "1.7Mi get fewer, evenly spaced points >= 27Ki apart (32 sigmas x 64 held-out images), "
-                                "so held-out evaluation stays under 5% of the run]")),
-    (("--snapshot-every",), dict(help="Images between kept EMA snapshots. [default: duration/8]")),
-    (("--checkpoint-every",), dict(help="Images between training-state checkpoints. [default: duration/16]")),
-    (("--heldout-per-sigma",), dict(type=int, help="Held-out images per grid sigma. [default: 64]")),
-    (("--fid-every",), dict(help="Images between FID/KID evaluations of snapshots (0: off). [default: 0]")),
-    (("--fid-images",), dict(type=int, help="Generated images per FID/KID evaluation. [default: 256]")),
-    (("--fid-ref-images",), dict(type=int, help="Training images in the FID reference. [default: min(N, 50000)]")),
-    # output
-    (("--outdir",), dict(help="Runs go to OUTDIR/EXPERIMENT/RUN_NAME. [default: runs]")),
-    (("--experiment",), dict(help="MLflow experiment. [default: edm-opt]")),
-    (("--run-name",), dict(help="Run name. [default: PRESET-SCHEDULE-sSEED-HASH, so the same command resumes]")),
-    (("--parent-run-id",), dict(help="MLflow parent run (sweeps set it).")),
-    (("--cell-hash",), dict(hidden=True)),
-]
+def _help(f) -> str:
+    """A TrainConfig field's help text with its default: `default_text`, else the default itself."""
+    meta = f.metadata
+    shown = meta["default_text"]
+    if shown is None and f.default is not None:
+        shown = format_nimg(f.default) if f.name in TrainConfig.NIMG_KEYS else f.default
+    return meta["help"] + ("" if shown is None else f" [default: {shown}]")
 
 
 def train_options(f):
-    for decls, kwargs in reversed(TRAIN_OPTIONS):
-        f = click.option(*decls, **kwargs)(f)
+    """The click options of `train`, generated from TrainConfig's fields (config.option). Every option
+    defaults to None, so that values from --config are only replaced by options actually given."""
+    for field in reversed(fields(TrainConfig)):
+        meta = field.metadata
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        kwargs = {"default": None, "help": _help(field), "hidden": meta["hidden"]}
+        if "bool" in str(field.type):
+            flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+        elif meta["choices"]:
+            kwargs["type"] = click.Choice(list(meta["choices"]))
+        elif field.name not in TrainConfig.NIMG_KEYS:
+            kwargs["type"] = next(t for name, t in (("int", int), ("float", float), ("str", str))
+                                  if name in str(field.type))
+        f = click.option(flag, field.name, **kwargs)(f)
     return f
 
 
 def train_config_from(options: dict, config_file: str | None):
     """dataclass defaults < YAML file < command line (options that were given)."""
-    from .config import TrainConfig, load_yaml
-
     values = {str(k).replace("-", "_"): v for k, v in (load_yaml(config_file) if config_file else {}).items()}
     values.update({k: v for k, v in options.items() if v is not None})
     return TrainConfig.from_dict(values, source=config_file or "options")
@@ -242,7 +180,7 @@ def train(config_file, dry_run, **options):
     Re-running the same command resumes the run (only --duration may change). Metrics go to
     $MLFLOW_TRACKING_URI, or sqlite:///mlflow.db in the current directory.
     """
-    from .training import resolve_config, train as run_training
+    from .training import train as run_training
 
     cfg = train_config_from(options, config_file)
     if dry_run:

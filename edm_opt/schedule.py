@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import OPT_VARIANTS
+from .config import DEFAULT_VARIANT, OPT_VARIANTS, VARIANT_DEFAULTS
 from .diffusion import (FM_DENSITY, SIGMA_MAX, SIGMA_MIN, LogNormal, bin_edges, bin_index, edm_weight, sigma_key,
                         target_factor)
 
@@ -492,12 +492,6 @@ def starved_bands(sigmas: np.ndarray, share: np.ndarray, base_share: np.ndarray,
 
 VARIANTS = OPT_VARIANTS
 TILTED_VARIANTS = VARIANTS[1:]
-DEFAULT_VARIANT = "floor"
-VARIANT_DEFAULTS = {  # method.md section 4.3: gamma, clip range, tau where the variant uses them
-    "floor": {"gamma": 1.0, "clip_lo": 0.25, "clip_hi": 4.0},
-    "base-below": {"gamma": 1.0, "clip_lo": 0.25, "clip_hi": 4.0, "tau": 0.25},
-    "edm2-tilt": {"gamma": 0.5, "clip_lo": 0.25, "clip_hi": 4.0},
-}
 
 
 PAPER_ONLY = ("floor", "sigma_star_fraction", "bump", "bump_height")  # constants of 4.1 that 4.3 does not use

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, TrainConfig, format_nimg, load_yaml, parse_nimg
+from .config import ConfigError, TrainConfig, format_nimg, load_yaml, parse_nimg, resolve_config
 from .fileio import write_json
 
 TOP_KEYS = ("name", "description", "experiment", "launch", "base", "grid", "overrides")
@@ -227,9 +227,8 @@ def _normalise(key: str, value):
 
 def _expand(path: Path, experiment: str, launch: Launch, base: dict, grid: dict,
             overrides: list[tuple[dict, dict]]) -> list[Cell]:
-    from .training import resolve_config
-
     cells, used, names = [], [False] * len(overrides), {}
+    world = launch.nproc_per_node if launch.mode == "torchrun" else 1
     for point in itertools.product(*grid.values()):
         options = dict(base)
         for p in point:
@@ -242,12 +241,10 @@ def _expand(path: Path, experiment: str, launch: Launch, base: dict, grid: dict,
         where = f"{path}: cell {label}"
         cfg = TrainConfig.from_dict({**options, "experiment": experiment}, source=where)
         try:
-            resolved = resolve_config(cfg)
+            resolved = resolve_config(cfg, world)
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        if launch.mode == "torchrun" and resolved.batch % launch.nproc_per_node:
-            raise ConfigError(f"{where}: batch {resolved.batch} is not divisible by the "
-                              f"{launch.nproc_per_node} ranks of launch.nproc_per_node")
+            ranks = f" (launch.nproc_per_node {world})" if world > 1 else ""
+            raise ConfigError(f"{where}{ranks}: {e}") from None
         if resolved.run_name in names:
             raise ConfigError(f"{path}: cells {names[resolved.run_name]} and {label} are the same run "
                               f"{resolved.run_name}: they differ only in options left out of the run name "

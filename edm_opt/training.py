@@ -23,13 +23,11 @@ import torch
 
 from . import EdmOptError, __version__
 from . import distributed as D
-from .config import ConfigError, TrainConfig, format_nimg
-from .diffusion import LogNormal, parse_sigmas, sigma_key
+from .config import (ConfigError, TrainConfig, describe_schedule, format_nimg, needs_upper, parse_sigmas_checked,
+                     resolve_config)
+from .diffusion import LogNormal, sigma_key
 from .fileio import write_json
 
-STATUS_POINTS, SNAPSHOT_POINTS, CHECKPOINT_POINTS = 64, 8, 16  # default intervals: duration / these
-HELDOUT_SHARE = 0.05  # the default status interval keeps held-out evaluation under this share of the run
-FORWARD_COST = 1 / 3  # a held-out forward pass, in training images (forward + backward + optimiser step)
 WARMUP_CAP = 0.05  # the lr warm-up never exceeds 5% of the run (method.md section 6)
 
 
@@ -39,125 +37,6 @@ class TrainingError(EdmOptError, RuntimeError):
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
-
-
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill every None from the preset and the duration; check combinations that cannot work."""
-    from .networks import get_preset
-
-    cfg.validate()
-    try:
-        preset = get_preset(cfg.preset)
-    except ValueError as e:
-        raise ConfigError(f"preset: {e}") from None
-    r = dataclasses.replace(cfg)
-    if r.class_conditional is None:
-        r.class_conditional = preset.network.get("label_dim", 0) > 0
-    if r.schedule == "optimal":
-        r.base_schedule = r.base_schedule or ("edm2" if preset.arch == "edm2" else "edm")
-    else:
-        r.base_schedule = None
-    _resolve_variant(r, preset)
-    uses_fm = r.schedule == "fm" or r.base_schedule == "fm"
-    r.precond = r.precond or ("fm" if uses_fm else "edm")
-    r.P_mean = preset.P_mean if r.P_mean is None else float(r.P_mean)
-    r.P_std = preset.P_std if r.P_std is None else float(r.P_std)
-    r.batch = int(r.batch or preset.batch)
-    r.lr = float(preset.lr if r.lr is None else r.lr)
-    lr_tref = preset.lr_tref if r.lr_tref is None else r.lr_tref
-    r.lr_tref = None if lr_tref is None else float(lr_tref)
-    r.lr_warmup = float(preset.lr_warmup if r.lr_warmup is None else r.lr_warmup)
-    r.ema = r.ema or preset.ema
-    r.dropout = float(preset.network.get("dropout", 0.0) if r.dropout is None else r.dropout)
-    if r.schedule == "edm2" and preset.arch != "edm2":
-        raise ConfigError(f"schedule: edm2 needs a network with a log-variance head (an EDM2 preset), "
-                          f"{r.preset} is {preset.arch}; use --schedule edm")
-    from .diffusion import PRECONDS
-
-    if r.precond not in PRECONDS:
-        raise ConfigError(f"precond {r.precond!r} is not one of {', '.join(PRECONDS)}")
-    from .ema import parse_profiles
-
-    parse_profiles(r.ema)
-    world = D.read_env("cpu").world_size
-    if r.batch % world:
-        raise ConfigError(f"batch {r.batch} is not divisible by the {world} ranks")
-    per_rank = r.batch // world
-    if r.batch_gpu is not None and per_rank % min(int(r.batch_gpu), per_rank):
-        raise ConfigError(f"batch_gpu {r.batch_gpu} must divide the per-rank batch {per_rank}")
-    grid_size = len(parse_sigmas_checked(r.sigmas))
-    status_points = min(STATUS_POINTS, max(1, int(r.duration // heldout_floor(grid_size, r.heldout_per_sigma))))
-    defaults = {"status_every": r.duration / status_points,
-                "snapshot_every": r.duration / SNAPSHOT_POINTS, "checkpoint_every": r.duration / CHECKPOINT_POINTS}
-    for key, default in defaults.items():
-        value = getattr(r, key) or default
-        setattr(r, key, max(r.batch, int(round(value / r.batch)) * r.batch))
-    r.run_name = r.run_name or r.default_run_name()
-    return r
-
-
-def _resolve_variant(r: TrainConfig, preset) -> None:
-    """The optimal schedule's variant and the constants it uses (method.md section 4.3); options that the
-    run's schedule or variant does not use are errors rather than silently ignored."""
-    from .schedule import DEFAULT_VARIANT, VARIANT_DEFAULTS
-
-    constants = ("opt_gamma", "opt_clip_lo", "opt_clip_hi", "opt_tau")
-    if r.schedule != "optimal":
-        given = [k for k in ("opt_variant",) + constants if getattr(r, k) is not None]
-        if given:
-            raise ConfigError(f"{given[0]}: applies to --schedule optimal only, and this run's schedule is "
-                              f"{r.schedule}")
-        return
-    r.opt_variant = r.opt_variant or DEFAULT_VARIANT
-    defaults = VARIANT_DEFAULTS.get(r.opt_variant, {})
-    for key in constants:
-        name = key.removeprefix("opt_")
-        if name in defaults:
-            setattr(r, key, defaults[name] if getattr(r, key) is None else getattr(r, key))
-        elif getattr(r, key) is not None:
-            users = [v for v, d in VARIANT_DEFAULTS.items() if name in d]
-            raise ConfigError(f"{key}: the {r.opt_variant} variant does not use it (only {', '.join(users)})")
-    if r.opt_clip_lo is not None and not r.opt_clip_lo < r.opt_clip_hi:
-        raise ConfigError(f"opt_clip_lo {r.opt_clip_lo} must be below opt_clip_hi {r.opt_clip_hi}")
-    if r.opt_bump and r.opt_variant != "paper":
-        raise ConfigError(f"opt_bump: only the paper variant has the bump, not {r.opt_variant}")
-    if r.opt_variant == "edm2-tilt" and preset.arch != "edm2":
-        raise ConfigError(f"opt_variant: edm2-tilt learns EDM2's log-variance and needs an EDM2 preset, "
-                          f"{r.preset} is {preset.arch}")
-
-
-def needs_upper(r: TrainConfig) -> bool:
-    """Whether the run's schedule uses J*_up (the floor variant)."""
-    return r.schedule == "optimal" and r.opt_variant == "floor"
-
-
-def describe_schedule(r: TrainConfig) -> str:
-    """`optimal (floor on edm2: gamma 1, clip [0.25, 4], mix 0.2)`, or the base schedule's name."""
-    if r.schedule != "optimal":
-        return r.schedule
-    parts = [f"gamma {r.opt_gamma:g}", f"clip [{r.opt_clip_lo:g}, {r.opt_clip_hi:g}]"] if r.opt_gamma is not None else []
-    if r.opt_tau is not None:
-        parts.append(f"tau {r.opt_tau:g}")
-    parts.append(f"mix {r.opt_mix:g}")
-    return f"optimal ({r.opt_variant} on {r.base_schedule}: {', '.join(parts)})"
-
-
-def heldout_floor(grid_size: int, per_sigma: int) -> float:
-    """Shortest default status interval, in images: one held-out evaluation (EMA and raw weights, grid_size x
-    per_sigma forward passes each) costs at most HELDOUT_SHARE of the training between two evaluations.
-
-    The default is duration/64 for long runs; below ~1.7Mi images (32 sigmas x 64 images) it is duration/k with
-    the largest k that respects this floor, so a short CPU run gets fewer, evenly spaced, equally precise curve
-    points (the last at the end of the run) instead of spending half its time evaluating.
-    """
-    return 2 * grid_size * per_sigma * FORWARD_COST / HELDOUT_SHARE
-
-
-def parse_sigmas_checked(spec: str) -> np.ndarray:
-    try:
-        return parse_sigmas(spec)
-    except ValueError as e:
-        raise ConfigError(f"sigmas: {e}") from None
 
 
 def lr_at(cfg: TrainConfig, nimg: int) -> float:
@@ -209,8 +88,8 @@ class BatchStream:
 
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run (or resume, or find finished) one training run. Returns a summary dict (rank 0: full)."""
-    r = resolve_config(cfg)
-    env = D.read_env(r.device)
+    env = D.read_env(cfg.device)
+    r = resolve_config(cfg, env.world_size)
     from .data import load_dataset
     from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
     from .rundir import RunDir

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edm_opt.config import ConfigError, TrainConfig
+from edm_opt.config import ConfigError, TrainConfig, resolve_config
 from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, LogNormal, bin_index, edm_weight, sigma_grid
 from edm_opt.ema import EMA, parse_profiles, power_gamma
 from edm_opt.optimal_loss import OptimalLossTable, UpperBound
 from edm_opt.schedule import (DEFAULT_VARIANT, BinLossTracker, OptimalSchedule, clipped_expectation, make_schedule,
                               starved_bands)
-from edm_opt.training import lr_at, resolve_config
+from edm_opt.training import lr_at
 
 GRID = sigma_grid()
 

@@ -13,7 +13,7 @@ from edm_opt.config import TrainConfig, format_nimg
 from edm_opt.sweep import (cell_command, cell_statuses, format_plan, format_status, load_sweep, run_sweep,
                            select_cells)
 from edm_opt.tracking import find_runs, get_run, set_run_status
-from edm_opt.training import resolve_config
+from edm_opt.config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny settings of test_training.py; one thread per cell, as two threads crawl on busy cores
@@ -117,7 +117,8 @@ def test_cell_command_round_trips_through_the_train_options(tmp_path):
         base = {"data": "digits", "preset": "edm2-nano", "xflip": flags, "class_conditional": flags,
                 "opt_bump": flags, "importance_correction": flags, "compile": flags, "P_mean": -0.75,
                 "P_std": 1.25, "lr": 0.0123456789, "duration": "96Ki", "status_every": 1000, "ema": "power:0.05",
-                "opt_mix": 0.25, "device": "cpu", "jstar": "auto", "sigmas": "0.002:80:7"}
+                "opt_mix": 0.25, "device": "cpu", "jstar": "auto", "sigmas": "0.002:80:7",
+                "opt_variant": "paper"}  # the variant with the bump
         s = load_sweep(write(tmp_path, {"base": base, "grid": {"schedule": ["optimal"]}}))
         (cell,) = s.cells
         args = cell_command(s, cell, parent_run_id="abc")
@@ -131,7 +132,8 @@ def test_cell_command_round_trips_through_the_train_options(tmp_path):
 def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = {"scaling-digits.yaml": 10, "schedule-fashion-mnist.yaml": 8, "edm2-img64-scaling.yaml": 10,
-                "edm-cifar10-ddpmpp.yaml": 4, "claims-fashion-mnist.yaml": 24, "demo.yaml": 6}
+                "edm-cifar10-ddpmpp.yaml": 4, "claims-fashion-mnist.yaml": 24, "demo.yaml": 6,
+                "schedule-variants-fashion-mnist.yaml": 20}
     shipped = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert set(expected) <= {p.name for p in shipped}
     for path in shipped:

@@ -282,7 +282,7 @@ def test_tracking_server_outage_loses_no_metric(tmp_path):
 def test_default_status_interval_bounds_heldout_share():
     """duration/64 for long runs; short runs get the floor that keeps held-out evaluation <= 5% of the run."""
     from edm_opt.config import TrainConfig, parse_nimg
-    from edm_opt.training import FORWARD_COST, heldout_floor, resolve_config
+    from edm_opt.config import FORWARD_COST, heldout_floor, resolve_config
 
     def status_every(**kw):
         return resolve_config(TrainConfig(data="digits", preset="edm2-nano", **kw)).status_every
