@@ -465,7 +465,8 @@ def sweep_run(file, dry_run, cells):
     recorded FAILED with its log and the sweep goes on (exit status 1 at the end). Ctrl-C or SIGTERM asks the
     running cell to checkpoint and stops (exit status 130): run the same command to resume.
     """
-    from .sweep import format_plan, load_sweep, run_sweep, select_cells
+    from .launch import run_sweep
+    from .sweep import format_plan, load_sweep, select_cells
 
     s = load_sweep(file)
     chosen = select_cells(s, cells) if cells else None

@@ -159,7 +159,7 @@ def demo_sweep(doc: dict, sweep_file: Path, dataset, out: Path, tag: str, durati
 
 
 def sweep_stage(stage: Stage, sweep):
-    from .sweep import run_sweep
+    from .launch import run_sweep
 
     result = run_sweep(sweep, echo=stage.echo)
     if result.stopped:

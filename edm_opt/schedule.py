@@ -19,7 +19,9 @@ each bin's share of the training signal, s_b = p_b w_b EMA_b / sum (`sched/share
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -494,10 +496,6 @@ VARIANTS = OPT_VARIANTS
 TILTED_VARIANTS = VARIANTS[1:]
 
 
-PAPER_ONLY = ("floor", "sigma_star_fraction", "bump", "bump_height")  # constants of 4.1 that 4.3 does not use
-TILT_ONLY = ("gamma", "clip_lo", "clip_hi", "tau")
-
-
 def base_x0_weight(base_schedule: str, sigma_data: float = 0.5) -> Callable[[np.ndarray], np.ndarray]:
     """lambda_base(sigma): the x0 weight of the base schedule's loss (EDM's lambda for edm and edm2, the
     unit-weight velocity loss's (1 + sigma)^2 / sigma^2 for fm), on float64 arrays."""
@@ -505,12 +503,51 @@ def base_x0_weight(base_schedule: str, sigma_data: float = 0.5) -> Callable[[np.
     return lambda s: target_factor(target, np.asarray(s, dtype=np.float64), sigma_data)
 
 
+@dataclass(frozen=True)
+class OptimalParams:
+    """The optimal schedule's constants (method.md 4.1 and 4.3), one place for what `TrainConfig` calls opt_*.
+    gamma, clip_lo, clip_hi and tau of None take the variant's defaults (config.VARIANT_DEFAULTS)."""
+
+    variant: str = DEFAULT_VARIANT
+    refresh: int = 64  # optimiser steps between recomputations of p
+    mix: float = 0.2  # m: the base density's share of p
+    warmup_count: int = 16
+    warmup_mass: float = 0.01
+    jstar_floor: float = 1e-6  # x the data variance
+    importance_correction: bool = False
+    floor: float = 0.01  # paper only: floor of the weighted gaps, x their mean
+    sigma_star_fraction: float = 1e-3  # paper only: sigma* threshold, w_max = 1 / J*(sigma*)
+    bump: bool = False  # paper only
+    bump_height: float = 1.0
+    gamma: float | None = None  # tilted variants
+    clip_lo: float | None = None
+    clip_hi: float | None = None
+    tau: float | None = None  # base-below
+
+    PAPER_ONLY = ("floor", "sigma_star_fraction", "bump", "bump_height")
+    TILT_ONLY = ("gamma", "clip_lo", "clip_hi", "tau")
+
+    @classmethod
+    def from_config(cls, r) -> "OptimalParams":
+        """From a resolved TrainConfig's opt_* options."""
+        return cls(variant=r.opt_variant or DEFAULT_VARIANT, refresh=r.opt_refresh, mix=r.opt_mix,
+                   warmup_count=r.opt_warmup_count, warmup_mass=r.opt_warmup_mass, jstar_floor=r.opt_jstar_floor,
+                   importance_correction=r.importance_correction, floor=r.opt_floor,
+                   sigma_star_fraction=r.opt_sigma_star, bump=r.opt_bump, bump_height=r.opt_bump_height,
+                   gamma=r.opt_gamma, clip_lo=r.opt_clip_lo, clip_hi=r.opt_clip_hi, tau=r.opt_tau)
+
+    def kwargs(self) -> dict:
+        """Constructor keywords of the variant's class: what it uses, defaults filled in."""
+        unused = ("variant",) + (self.TILT_ONLY if self.variant == "paper" else self.PAPER_ONLY)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in unused and v is not None}
+        return d if self.variant == "paper" else {**VARIANT_DEFAULTS[self.variant], **d}
+
+
 def make_schedule(name: str, sigmas: np.ndarray, preset_density: LogNormal, jstar=None,
                   base_schedule: str | None = None, sigma_data: float = 0.5, decay: float = 0.99,
-                  variant: str | None = None, **optimal_kwargs) -> Schedule:
-    """Build a schedule. `preset_density` is the preset's (or the user's) P_mean/P_std log-normal;
-    `variant` and `optimal_kwargs` (refresh, mix, gamma, ...) are the optimal schedule's, unused by the others
-    (None values take the variant's defaults)."""
+                  params: OptimalParams | None = None) -> Schedule:
+    """Build a schedule. `preset_density` is the preset's (or the user's) P_mean/P_std log-normal; `decay` the gap
+    tracker's per-step EMA decay; `params` the optimal schedule's constants (default OptimalParams())."""
     if name == "edm":
         return Schedule(sigmas, preset_density, sigma_data, decay)
     if name == "edm2":
@@ -520,15 +557,14 @@ def make_schedule(name: str, sigmas: np.ndarray, preset_density: LogNormal, jsta
     if name == "optimal":
         if jstar is None:
             raise ValueError("the optimal schedule needs a J* table")
+        params = params or OptimalParams()
         base_schedule = base_schedule or "edm"
         base = FM_DENSITY if base_schedule == "fm" else preset_density
-        variant = variant or DEFAULT_VARIANT
-        unused = TILT_ONLY if variant == "paper" else PAPER_ONLY
-        kwargs = {k: v for k, v in optimal_kwargs.items() if v is not None and k not in unused}
-        if variant == "paper":
-            return OptimalSchedule(sigmas, base, jstar, sigma_data, decay, base_schedule=base_schedule, **kwargs)
-        if variant not in TILTED_VARIANTS:
-            raise ValueError(f"unknown optimal-schedule variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        return TiltedSchedule(sigmas, base, jstar, variant, base_schedule, sigma_data, decay,
-                              **{**VARIANT_DEFAULTS[variant], **kwargs})
+        if params.variant == "paper":
+            return OptimalSchedule(sigmas, base, jstar, sigma_data, decay, base_schedule=base_schedule,
+                                   **params.kwargs())
+        if params.variant not in TILTED_VARIANTS:
+            raise ValueError(f"unknown optimal-schedule variant {params.variant!r}; expected one of "
+                             f"{', '.join(VARIANTS)}")
+        return TiltedSchedule(sigmas, base, jstar, params.variant, base_schedule, sigma_data, decay, **params.kwargs())
     raise ValueError(f"unknown schedule {name!r}")

@@ -9,7 +9,6 @@ MLflow run when the same command is run again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -160,7 +159,7 @@ class Trainer:
         from .ema import EMA, parse_profiles
         from .networks import get_preset
         from .networks.presets import ARCHITECTURES, network_kwargs
-        from .schedule import make_schedule
+        from .schedule import OptimalParams, make_schedule
 
         r, env = self.r, self.env
         self.preset = get_preset(r.preset)
@@ -172,13 +171,8 @@ class Trainer:
             raise ConfigError(f"preset: {e}") from None
         torch.manual_seed(r.seed)  # identical initial weights on every rank
         net = ARCHITECTURES[self.preset.arch](**self.net_kwargs).to(self.device).train()
-        self.schedule = make_schedule(
-            r.schedule, self.grid, LogNormal(r.P_mean, r.P_std), self.jstar, r.base_schedule, net.sigma_data,
-            r.opt_decay, r.opt_variant, refresh=r.opt_refresh, mix=r.opt_mix, floor=r.opt_floor,
-            warmup_count=r.opt_warmup_count, warmup_mass=r.opt_warmup_mass, jstar_floor=r.opt_jstar_floor,
-            sigma_star_fraction=r.opt_sigma_star, bump=r.opt_bump, bump_height=r.opt_bump_height,
-            importance_correction=r.importance_correction, gamma=r.opt_gamma, clip_lo=r.opt_clip_lo,
-            clip_hi=r.opt_clip_hi, tau=r.opt_tau)
+        self.schedule = make_schedule(r.schedule, self.grid, LogNormal(r.P_mean, r.P_std), self.jstar, r.base_schedule,
+                                      net.sigma_data, r.opt_decay, OptimalParams.from_config(r))
         if not self.schedule.uses_logvar:  # the log-variance head is trained only by the edm2 schedule
             for name, p in net.named_parameters():
                 if name.startswith("logvar_"):

@@ -15,8 +15,8 @@ from edm_opt.config import ConfigError, TrainConfig, resolve_config
 from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, LogNormal, bin_index, edm_weight, sigma_grid
 from edm_opt.ema import EMA, parse_profiles, power_gamma
 from edm_opt.optimal_loss import OptimalLossTable, UpperBound
-from edm_opt.schedule import (DEFAULT_VARIANT, BinLossTracker, OptimalSchedule, clipped_expectation, make_schedule,
-                              starved_bands)
+from edm_opt.schedule import (DEFAULT_VARIANT, BinLossTracker, OptimalParams, OptimalSchedule, clipped_expectation,
+                              make_schedule, starved_bands)
 from edm_opt.training import lr_at
 
 GRID = sigma_grid()
@@ -207,7 +207,7 @@ def golden_schedule(base_schedule="edm2", **kw):
     jstar, gap = golden_state()
     lin = 0.3 * GRID ** 2 / (0.3 + GRID ** 2)
     jstar.upper = UpperBound(GRID, lin, np.maximum(jstar.values, 0) + 0.05, np.zeros(32))
-    s = make_schedule("optimal", GRID, LogNormal(-0.8, 1.6), jstar, base_schedule, **kw)
+    s = make_schedule("optimal", GRID, LogNormal(-0.8, 1.6), jstar, base_schedule, params=OptimalParams(**kw))
     g = torch.Generator().manual_seed(0)
     target = torch.tensor(np.maximum(jstar.values, 0) + gap)
     for step in range(1, 257):

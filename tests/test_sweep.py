@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from edm_opt import EdmOptError
-from edm_opt.config import TrainConfig, format_nimg
-from edm_opt.sweep import (cell_command, cell_statuses, format_plan, format_status, load_sweep, run_sweep,
-                           select_cells)
+from edm_opt.config import TrainConfig, format_nimg, resolve_config
+from edm_opt.launch import run_sweep
+from edm_opt.sweep import (cell_command, cell_config, cell_statuses, config_text, format_plan, format_status,
+                           load_sweep, select_cells)
 from edm_opt.tracking import find_runs, get_run, set_run_status
-from edm_opt.config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny settings of test_training.py; one thread per cell, as two threads crawl on busy cores
@@ -92,7 +92,8 @@ def test_grid_overrides_and_run_names(tmp_path):
     ("grid: {seed: [0]}\nlaunch: slurm\n", ["launch", "'slurm'", "torchrun"]),
     ("grid: {seed: [0]}\nlaunch: {mode: torchrun, nproc_per_node: 3}\nbase: {batch: 32}\n",
      ["launch.nproc_per_node", "batch 32"]),
-    ("grid: {seed: [0]}\nlaunch: {mode: inprocess, env: {OMP_NUM_THREADS: 1}}\n", ["launch", "env"]),
+    ("grid: {seed: [0]}\nlaunch: {mode: inprocess}\n", ["launch", "'inprocess'", "subprocess, torchrun"]),
+    ("grid: {seed: [0]}\nlaunch: {mode: subprocess, env: [OMP_NUM_THREADS]}\n", ["launch", "env must be a mapping"]),
 ])
 def test_malformed_sweep_files_fail_clearly_and_run_nothing(tmp_path, monkeypatch, text, needles):
     monkeypatch.chdir(tmp_path)
@@ -109,8 +110,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
-def test_cell_command_round_trips_through_the_train_options(tmp_path):
-    """Every option the file may set reaches `edm-opt train` unchanged: booleans both ways, image counts."""
+def test_cell_config_round_trips_through_train_config(tmp_path):
+    """Every option the file may set reaches `edm-opt train --config` unchanged: booleans both ways, image counts."""
     from edm_opt.cli import train, train_config_from
 
     for flags in (True, False):
@@ -121,12 +122,21 @@ def test_cell_command_round_trips_through_the_train_options(tmp_path):
                 "opt_variant": "paper"}  # the variant with the bump
         s = load_sweep(write(tmp_path, {"base": base, "grid": {"schedule": ["optimal"]}}))
         (cell,) = s.cells
-        args = cell_command(s, cell, parent_run_id="abc")
-        assert args[:4] == [sys.executable, "-m", "edm_opt.cli", "train"] and "96Ki" in args
-        ctx = train.make_context("train", args[4:])
-        back = train_config_from({k: v for k, v in ctx.params.items() if k not in ("config_file", "dry_run")}, None)
-        expected = {**cell.config.to_dict(), "parent_run_id": "abc"}
-        assert back.to_dict() == expected
+        args = cell_command(s, cell)
+        assert args[:4] == [sys.executable, "-m", "edm_opt.cli", "train"] and args[4:] == ["--config",
+                                                                                          str(s.config_path(cell))]
+        text = config_text(cell_config(cell, "abc"))
+        assert "duration: 96Ki" in text and f"run_name: {cell.run_name}" in text
+        path = tmp_path / "cell.yaml"
+        path.write_text(text)
+        ctx = train.make_context("train", ["--config", str(path)])
+        back = train_config_from({k: v for k, v in ctx.params.items() if k not in ("config_file", "dry_run")},
+                                 ctx.params["config_file"])
+        assert back.to_dict() == {**cell.resolved.to_dict(), "parent_run_id": "abc"}
+        for k, v in base.items():  # what the file set, through resolution
+            want = {"duration": 96 * 1024, "status_every": 1024}.get(k, v)  # whole batches of 128
+            assert getattr(back, k) == want, k
+        assert resolve_config(back).to_dict() == back.to_dict()  # resolution is idempotent: the same run
 
 
 def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
@@ -141,7 +151,7 @@ def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
         plan = format_plan(s)
         count = expected.get(path.name, len(s.cells))
         assert len(s.cells) == count and f"{count} cells" in plan, path.name
-        assert plan.count(" --run-name ") == count and all(c.run_name in plan for c in s.cells)
+        assert plan.count(" --config ") == count and all(c.run_name in plan for c in s.cells)
         schedules = {c.resolved.schedule for c in s.cells}
         assert "optimal" in schedules and schedules & {"edm", "edm2", "fm"}, path.name
     for name in ("scaling-digits.yaml", "edm2-img64-scaling.yaml"):  # >= 5 sizes, >= 30x in parameters
@@ -188,7 +198,8 @@ def test_sweep_runs_cells_skips_finished_ones_and_records_a_failure(tmp_path, mo
     assert result.failed == [bad.run_name] and result.trained == [a.run_name, b.run_name], out
     assert not result.stopped and f"FAILED {bad.run_name}" in out
     log = s.log_path(bad).read_text()
-    assert "missing" in log and "--parent-run-id " + result.parent_run_id in log
+    assert "missing" in log and f"--config {s.config_path(bad)}" in log
+    assert yaml.safe_load(s.config_path(bad).read_text())["parent_run_id"] == result.parent_run_id
     parent = get_run(uri, result.parent_run_id)
     assert parent.status == "FAILED" and parent.run_name == "sweep-tiny"
     assert parent.tags["edm_opt.sweep_cells"] == "3" and parent.params["grid.schedule"] == '["edm", "edm2", "optimal"]'
@@ -239,11 +250,11 @@ def test_sweep_runs_cells_skips_finished_ones_and_records_a_failure(tmp_path, mo
     assert not children(uri, result.parent_run_id)
 
 
-def test_inprocess_failure_is_caught_and_logged(tmp_path, monkeypatch):
+def test_subprocess_failure_is_caught_and_logged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    doc = {**tiny_sweep(tmp_path), "launch": "inprocess", "grid": {"schedule": ["edm"]}}
+    doc = {**tiny_sweep(tmp_path), "grid": {"schedule": ["edm"]}}
     s = load_sweep(write(tmp_path, doc))
-    assert "in process" in format_plan(s)
+    assert f"--config {s.config_path(s.cells[0])}" in format_plan(s) and not s.config_path(s.cells[0]).exists()
     result = run_sweep(s, echo=lambda line: None)
     assert result.failed == [s.cells[0].run_name]
     assert "not found" in s.log_path(s.cells[0]).read_text()
@@ -251,9 +262,9 @@ def test_inprocess_failure_is_caught_and_logged(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", [{"mode": "inprocess"},
+@pytest.mark.parametrize("launch", [{"mode": "subprocess"},
                                     {"mode": "torchrun", "nproc_per_node": 2, "env": {"OMP_NUM_THREADS": 1}}])
-def test_inprocess_and_torchrun_cells_train(tmp_path, monkeypatch, launch):
+def test_subprocess_and_torchrun_cells_train(tmp_path, monkeypatch, launch):
     monkeypatch.chdir(tmp_path)
     s = load_sweep(write(tmp_path, {"experiment": "sweep-test", "launch": launch, "base": TINY,
                                     "grid": {"schedule": ["optimal"]}}))
@@ -271,7 +282,7 @@ def test_sigterm_stops_the_running_cell_at_a_checkpoint_and_a_rerun_resumes_it(t
            "base": {**TINY, "duration": "4Ki", "status_every": 512, "checkpoint_every": 256,
                     "snapshot_every": "4Ki"}, "grid": {"schedule": ["edm2"]}}
     path = write(tmp_path, doc)
-    script = ["-c", "import sys; from edm_opt.sweep import load_sweep, run_sweep; "
+    script = ["-c", "import sys; from edm_opt.launch import run_sweep; from edm_opt.sweep import load_sweep; "
                     "sys.exit(130 if run_sweep(load_sweep(sys.argv[1])).stopped else 0)", str(path)]
     p = subprocess.Popen([sys.executable, *script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)

@@ -31,7 +31,12 @@ def golden_state():
 def run(base_schedule):
     jstar, gap = golden_state()
     density = FM_DENSITY if base_schedule == "fm" else EDM_DENSITY
-    kwargs = {"variant": "paper"} if "variant" in make_schedule.__code__.co_varnames else {}
+    try:  # today's API; before the variants, make_schedule had no `params` and `optimal` was `paper`
+        from edm_opt.schedule import OptimalParams
+
+        kwargs = {"params": OptimalParams(variant="paper")}
+    except ImportError:
+        kwargs = {}
     s = make_schedule("optimal", GRID, EDM_DENSITY, jstar, base_schedule, **kwargs)
     g = torch.Generator().manual_seed(0)
     target = torch.tensor(np.maximum(jstar.values, 0) + gap)
