@@ -1,4 +1,5 @@
-"""What a report computes from the runs: frontier fits, schedules at equal compute, gap-FID correlation.
+"""What a report computes from the runs: frontier fits, schedules at equal compute, loss shares and gap
+ratios per sigma, gap-FID correlation.
 
 Fits use `edm_opt.scaling` on the frontier over runs (method.md section 5): f = cumulative training compute
 (FLOPs), J = the reference total or the held-out loss at one sigma (per-dimension x0 MSE), J* the
@@ -8,7 +9,7 @@ matching optimal loss of the reference run (the first run with data), given, nev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from edm_opt.scaling import (
     fit_power_law_free_floor,
 )
 
-from .data import ExperimentData
+from .data import ExperimentData, RunData
 
 REFERENCE_LABEL = "reference total"
 MIN_LOGGED_POINTS = 3
@@ -78,6 +79,33 @@ class ScheduleComparison:
         return int(self.f.size)
 
 
+@dataclass(frozen=True)
+class ShareProfile:
+    """A series' share of the training signal per grid sigma (VE) at its runs' last status, averaged over
+    the `n_runs` runs that logged shares there (fractions; each run's sum to 1)."""
+
+    schedule: str
+    sigmas: np.ndarray
+    share: np.ndarray
+    n_runs: int
+
+
+@dataclass(frozen=True)
+class GapRatioProfile:
+    """A series' final per-sigma gap (held-out loss minus J*, per-dimension x0 MSE) over its baseline's.
+
+    ratio [K]: the geometric mean over `n_pairs` pairs of runs with the same preset and seed, or, when no
+    pair matches (n_pairs 0), the ratio of the two series' mean final gaps over all their runs; NaN where a
+    gap is not positive.
+    """
+
+    schedule: str
+    baseline: str
+    sigmas: np.ndarray
+    ratio: np.ndarray
+    n_pairs: int
+
+
 @dataclass
 class Analysis:
     reference: SeriesFit
@@ -86,6 +114,8 @@ class Analysis:
     comparisons: list[ScheduleComparison]
     gap_fid_points: list[GapFidPoint]
     gap_fid: list[GapFidCorrelation]
+    shares: list[ShareProfile] = field(default_factory=list)
+    gap_ratios: list[GapRatioProfile] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,18 +189,26 @@ def baseline_schedule(schedules: list[str]) -> str | None:
     return next((s for s in sorted(schedules) if not s.startswith("optimal")), None)
 
 
-def compare_schedules(exp: ExperimentData, frontiers: dict[str, ScheduleFrontier]) -> list[ScheduleComparison]:
-    """Every schedule's frontier against its baseline's on the compute range both frontiers cover: an
-    `optimal` series against its own base schedule when that has runs, everything else against
-    `baseline_schedule`."""
-    general = baseline_schedule(list(frontiers))
+def series_baselines(exp: ExperimentData, schedules: list[str]) -> dict[str, str]:
+    """What each series of `schedules` is compared with: an `optimal` series (any label) with its own base
+    schedule when that is among `schedules`, every other series with `baseline_schedule`; the baseline
+    itself is left out."""
+    general = baseline_schedule(schedules)
     base_of = {r.schedule: r.base_schedule for r in exp.runs if r.base_schedule}
+    out = {}
+    for s in schedules:
+        base = base_of.get(s) if base_of.get(s) in schedules else general
+        if base is not None and s != base:
+            out[s] = base
+    return out
+
+
+def compare_schedules(exp: ExperimentData, frontiers: dict[str, ScheduleFrontier]) -> list[ScheduleComparison]:
+    """Every schedule's frontier against its baseline's (`series_baselines`) on the compute range both
+    frontiers cover."""
     out = []
-    for s, fr in frontiers.items():
-        base = base_of.get(s) if base_of.get(s) in frontiers else general
-        if base is None or s == base:
-            continue
-        b = frontiers[base]
+    for s, base in series_baselines(exp, list(frontiers)).items():
+        fr, b = frontiers[s], frontiers[base]
         lo, hi = max(fr.f[0], b.f[0]), min(fr.f[-1], b.f[-1])
         none = np.zeros(0)
         if not lo < hi:
@@ -189,6 +227,62 @@ def compare_schedules(exp: ExperimentData, frontiers: dict[str, ScheduleFrontier
         ratio = gap_s[ok] / gap_b[ok]
         out.append(ScheduleComparison(s, base, (float(lo), float(hi)), grid[ok], ratio, float(np.mean(ratio < 1)),
                                       float(np.exp(np.mean(np.log(ratio))))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss shares and gaps per sigma (method.md section 4.4)
+
+
+def finite_mean(rows: list[np.ndarray]) -> np.ndarray:
+    """[K] column means of equal-length rows over their finite entries (NaN where a column has none)."""
+    a = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    ok = np.isfinite(a)
+    n = ok.sum(axis=0)
+    return np.where(n > 0, np.where(ok, a, 0.0).sum(axis=0) / np.maximum(n, 1), math.nan)
+
+
+def _series_runs(exp: ExperimentData, schedule: str) -> list[RunData]:
+    """The series' runs with a history on the grid of its first such run."""
+    runs = [r for r in exp.with_history if r.schedule == schedule]
+    return [r for r in runs if r.keys == runs[0].keys]
+
+
+def share_profiles(exp: ExperimentData) -> list[ShareProfile]:
+    """Each series' final share per sigma, averaged over its runs; series with no share logged are left out."""
+    out = []
+    for s in sorted({r.schedule for r in exp.with_history}):
+        runs = _series_runs(exp, s)
+        rows = [r.share[-1] for r in runs if np.isfinite(r.share[-1]).any()]
+        if rows:
+            out.append(ShareProfile(s, runs[0].sigmas, finite_mean(rows), len(rows)))
+    return out
+
+
+def _pair_key(r: RunData) -> tuple[str, str] | None:
+    seed = r.params.get("seed")
+    return None if seed in (None, "None", "") else (r.preset, seed)
+
+
+def _positive_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((num > 0) & (den > 0), num / den, math.nan)
+
+
+def gap_ratio_profiles(exp: ExperimentData) -> list[GapRatioProfile]:
+    """Every series' final per-sigma gap over its baseline's (`series_baselines`), on the grid both share."""
+    out = []
+    for s, base in series_baselines(exp, sorted({r.schedule for r in exp.with_history})).items():
+        runs, bases = _series_runs(exp, s), _series_runs(exp, base)
+        if runs[0].keys != bases[0].keys:
+            continue
+        pairs = [_positive_ratio(r.gap[-1], b.gap[-1]) for r in runs for b in bases
+                 if _pair_key(r) is not None and _pair_key(r) == _pair_key(b)]
+        if pairs:
+            ratio = np.exp(finite_mean([np.log(p) for p in pairs]))
+        else:
+            ratio = _positive_ratio(finite_mean([r.gap[-1] for r in runs]), finite_mean([b.gap[-1] for b in bases]))
+        out.append(GapRatioProfile(s, base, runs[0].sigmas, ratio, len(pairs)))
     return out
 
 
@@ -213,4 +307,5 @@ def analyse(exp: ExperimentData, bootstrap: int = 1000, sigma_bootstrap: int = 2
     return Analysis(reference=fit_reference_total(exp, bootstrap),
                     sigma_fits=[fit_sigma(exp, k, sigma_bootstrap) for k in keys],
                     frontiers=frontiers, comparisons=compare_schedules(exp, frontiers),
-                    gap_fid_points=points, gap_fid=gap_fid_correlation(points))
+                    gap_fid_points=points, gap_fid=gap_fid_correlation(points),
+                    shares=share_profiles(exp), gap_ratios=gap_ratio_profiles(exp))

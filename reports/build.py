@@ -121,6 +121,7 @@ def report_pages(exp: ExperimentData, a: Analysis, summary: list[str]) -> list[t
         pages.append(("Gap over training (heat maps)",
                       lambda chunk=chunk, i=i: P.draw_heatmap_page(chunk, largest, vmin, i + 1, len(chunks))
                       if chunk else P.text_page("Gap over training", ["No run has a held-out evaluation yet."])))
+    pages.append(("Loss shares and gaps per sigma", lambda: P.draw_share_page(exp, a)))
     pages.append(("Scaling of the reference total", lambda: P.draw_reference_scaling_page(exp, a.reference, table)))
     pages.append(("Scaling per sigma", lambda: P.draw_sigma_scaling_page(a.sigma_fits)))
     pages.append(("Fit table per sigma", lambda: P.text_page("Fits per sigma: raw, J* subtracted, free floor",
@@ -174,11 +175,12 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def write_csv(csv_dir: Path, exp: ExperimentData, a: Analysis) -> list[Path]:
-    """per_sigma_final.csv (each run's last evaluation per sigma), fits.csv, runs.csv, gap_fid.csv."""
+    """per_sigma_final.csv (each run's last evaluation per sigma, with its loss share there; empty when not
+    logged), fits.csv, runs.csv (with the optimal variant and the seed param), gap_fid.csv."""
     csv_dir = Path(csv_dir)
     per_sigma = [[r.run_id, r.name, r.schedule, r.preset, r.param_count, r.status, int(r.nimg[-1]),
-                  float(r.flops_total[-1]), float(s), float(j), float(l), float(l - j)]
-                 for r in exp.with_history for s, j, l in zip(r.sigmas, r.jstar, r.loss_x0[-1])]
+                  float(r.flops_total[-1]), float(s), float(j), float(l), float(l - j), float(sh)]
+                 for r in exp.with_history for s, j, l, sh in zip(r.sigmas, r.jstar, r.loss_x0[-1], r.share[-1])]
     fits = []
     for s in [a.reference] + a.sigma_fits:
         if s.fits is None:
@@ -192,15 +194,16 @@ def write_csv(csv_dir: Path, exp: ExperimentData, a: Analysis) -> list[Path]:
                      ff.beta_se, ff.c, ff.c_se, None, None, ff.n_used, None, s.jstar, ff.identifiable, ff.note])
     runs = [[r.run_id, r.name, r.schedule, r.preset, r.param_count, r.status, r.source,
              int(r.nimg[-1]) if r.has_history else None, float(r.flops_total[-1]) if r.has_history else None,
-             float(r.ref_gap[-1]) if r.has_history else None, r.final(r.fid), r.final(r.kid)] for r in exp.runs]
+             float(r.ref_gap[-1]) if r.has_history else None, r.final(r.fid), r.final(r.kid), r.variant,
+             r.params.get("seed")] for r in exp.runs]
     return [
         _write_csv(csv_dir / "per_sigma_final.csv", ["run_id", "run_name", "schedule", "preset", "param_count",
-                   "status", "nimg", "flops_total", "sigma", "jstar", "loss_x0", "gap"], per_sigma),
+                   "status", "nimg", "flops_total", "sigma", "jstar", "loss_x0", "gap", "share"], per_sigma),
         _write_csv(csv_dir / "fits.csv", ["series", "sigma", "form", "alpha", "alpha_ci_low", "alpha_ci_high",
                    "alpha_se", "beta", "beta_ci_low", "beta_ci_high", "beta_se", "c", "c_se", "rho", "r2", "n_used",
                    "n_dropped", "jstar", "floor_identifiable", "note"], fits),
         _write_csv(csv_dir / "runs.csv", ["run_id", "run_name", "schedule", "preset", "param_count", "status",
-                   "source", "nimg", "flops_total", "ref_gap", "fid", "kid"], runs),
+                   "source", "nimg", "flops_total", "ref_gap", "fid", "kid", "variant", "seed"], runs),
         _write_csv(csv_dir / "gap_fid.csv", ["sigma", "pearson", "spearman", "n"],
                    [[c.sigma, c.pearson, c.spearman, c.n] for c in a.gap_fid]),
     ]

@@ -4,7 +4,7 @@ One `RunData` per training run: its per-sigma history from the `per_sigma.json` 
 run), or, when a run has no such artifact, is still RUNNING (the artifact is written only at
 snapshots) or its artifact lacks statuses it logged, from the metric histories of the naming contract.
 Units: sigma is the VE noise level, losses are per-dimension x0 MSE (DESIGN.md), f is cumulative
-training compute in FLOPs, nimg counts training images seen.
+training compute in FLOPs, nimg counts training images seen, shares are fractions of the training signal.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class RunData:
     sigmas [K] (VE); jstar, jstar_stderr [K] (J*_sigma, per-dimension x0 MSE); nimg [T] status steps
     (images seen); flops_total [T] (FLOPs); loss_x0 [T, K] held-out EMA loss (NaN where missing);
     ref_total [T] the reference total of loss_x0; jstar_ref the same total of J*; fid, kid [n, 2]
-    (nimg, value) pairs. source: where the history came from.
+    (nimg, value) pairs; share [T, K] each grid bin's share of the training signal at each status
+    (`sched/share_sigma_<s>`, sums to 1 per status; NaN where the run did not log it). source: where the
+    history came from. variant: the optimal schedule's variant (None for other schedules); params: the
+    run's MLflow params (strings).
     """
 
     run_id: str
@@ -53,9 +56,12 @@ class RunData:
     jstar_ref: float
     fid: np.ndarray
     kid: np.ndarray
+    share: np.ndarray
     source: str
     fingerprint: str | None = None
     base_schedule: str | None = None  # what an `optimal` run mixes with and starts from
+    variant: str | None = None  # of an `optimal` run: paper, floor, base-below, edm2-tilt
+    params: dict = field(default_factory=dict)
     time_ms: int | None = None  # end (else start) time of the run, ms since the epoch
     tags: dict = field(default_factory=dict)
 
@@ -133,10 +139,23 @@ def _series(uri: str, rec, key: str) -> np.ndarray:
     return np.array(metric_history(uri, rec.run_id, key), dtype=np.float64).reshape(-1, 2)
 
 
+def _artifact_share(h: dict, steps: int, k: int) -> np.ndarray:
+    """[steps, k] shares from per_sigma.json's "share" (one entry per status, parallel to "nimg"); NaN where
+    the key is absent (files from before shares), an entry is null (statuses from before shares) or malformed."""
+    out = np.full((steps, k), math.nan)
+    for t, row in enumerate((h.get("share") or [])[:steps]):
+        if isinstance(row, list) and len(row) == k:
+            try:
+                out[t] = [math.nan if v is None else float(v) for v in row]
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
 def _from_artifact(h: dict) -> dict:
     sigmas = np.asarray(h["sigmas"], dtype=np.float64)
     jstar = np.asarray(h["jstar"], dtype=np.float64)
-    return dict(sigmas=sigmas, jstar=jstar,
+    return dict(sigmas=sigmas, jstar=jstar, share=_artifact_share(h, len(h["nimg"]), len(sigmas)),
                 jstar_stderr=np.asarray(h.get("jstar_stderr") or np.full(sigmas.shape, np.nan), dtype=np.float64),
                 nimg=np.asarray(h["nimg"], dtype=np.int64),
                 flops_total=np.asarray(h["flops_total"], dtype=np.float64),
@@ -146,7 +165,7 @@ def _from_artifact(h: dict) -> dict:
 
 
 def _from_metrics(uri: str, rec) -> dict:
-    """The same arrays from the metric histories (K + 2 history reads)."""
+    """The same arrays from the metric histories (K + 2 history reads, K more when shares are metrics)."""
     prefix = "loss_x0/sigma_"
     keys = sorted((k.removeprefix(prefix) for k in rec.metrics if k.startswith(prefix)), key=float)
     sigmas = np.array([float(k) for k in keys], dtype=np.float64)
@@ -155,6 +174,8 @@ def _from_metrics(uri: str, rec) -> dict:
     flops = dict(metric_history(uri, rec.run_id, "compute/flops_total"))
     ref = dict(metric_history(uri, rec.run_id, "loss/ref_total"))
     steps = sorted(set().union(*(set(v) for v in loss.values()))) if keys else []
+    share = {k: dict(metric_history(uri, rec.run_id, f"sched/share_sigma_{k}")) for k in keys
+             if f"sched/share_sigma_{k}" in rec.metrics}  # runs from before shares have none
     jref = rec.metrics.get("jstar/ref_total")
     if jref is None:
         jref = reference_total(sigmas, jstar) if keys else math.nan
@@ -163,6 +184,8 @@ def _from_metrics(uri: str, rec) -> dict:
                 flops_total=np.array([flops.get(s, math.nan) for s in steps], dtype=np.float64),
                 loss_x0=np.array([[loss[k].get(s, math.nan) for k in keys] for s in steps],
                                  dtype=np.float64).reshape(len(steps), len(keys)),
+                share=np.array([[share.get(k, {}).get(s, math.nan) for k in keys] for s in steps],
+                               dtype=np.float64).reshape(len(steps), len(keys)),
                 ref_total=np.array([ref.get(s, math.nan) for s in steps], dtype=np.float64),
                 jstar_ref=float(jref), source="metric histories" if steps else "none")
 
@@ -173,6 +196,26 @@ def _statuses_missing_from(arrays: dict, uri: str, rec) -> int:
         return 0
     logged = {step for step, _ in metric_history(uri, rec.run_id, "loss/ref_total")}
     return len(logged - set(arrays["nimg"].tolist()))
+
+
+def _fill_shares(arrays: dict, artifact: dict) -> None:
+    """Statuses without share metrics take the artifact's shares at the same nimg (shares that live in
+    per_sigma.json only, DESIGN.md's layout without --log-per-sigma all). Both on the same grid."""
+    row = {int(n): t for t, n in enumerate(artifact["nimg"])}
+    for t, n in enumerate(arrays["nimg"]):
+        if int(n) in row and np.isnan(arrays["share"][t]).all():
+            arrays["share"][t] = artifact["share"][row[int(n)]]
+
+
+def run_variant(schedule: str, params: dict, tags: dict) -> str | None:
+    """The optimal schedule's variant: the `opt_variant` param (else the `edm_opt.opt_variant` tag); `paper`
+    for an optimal run logged before variants existed; None for the other schedules."""
+    if schedule != "optimal":
+        return None
+    for v in (params.get("opt_variant"), tags.get("edm_opt.opt_variant")):
+        if v not in (None, "None", ""):
+            return v
+    return "paper"
 
 
 def read_run(uri: str, rec) -> RunData:
@@ -186,18 +229,20 @@ def read_run(uri: str, rec) -> RunData:
     if arrays is not None and (lost := _statuses_missing_from(arrays, uri, rec)):
         # per_sigma.json was short (written at snapshots only, before edm-opt kept the history in checkpoints,
         # a run resumed before its first snapshot lost its early statuses): the metric histories are whole.
-        stderr = arrays["jstar_stderr"]
+        stderr, short = arrays["jstar_stderr"], arrays
         arrays = _from_metrics(uri, rec)
         if stderr.shape == arrays["sigmas"].shape:
             arrays["jstar_stderr"] = stderr
+            _fill_shares(arrays, short)
         arrays["source"] = f"metric histories ({PER_SIGMA_ARTIFACT} lacks {lost} statuses)"
     if arrays is None:
         arrays = _from_metrics(uri, rec)
     h = h or {}
     params = rec.metrics.get("model/param_count", h.get("param_count"))
+    schedule = h.get("schedule") or rec.tags.get("edm_opt.schedule") or rec.params.get("schedule", "unknown")
     return RunData(
-        run_id=rec.run_id, name=rec.run_name, status=rec.status,
-        schedule=h.get("schedule") or rec.tags.get("edm_opt.schedule") or rec.params.get("schedule", "unknown"),
+        run_id=rec.run_id, name=rec.run_name, status=rec.status, schedule=schedule,
+        variant=run_variant(schedule, rec.params, rec.tags), params=dict(rec.params),
         preset=h.get("preset") or rec.tags.get("edm_opt.preset") or rec.params.get("preset", "unknown"),
         param_count=None if params is None else int(params),
         flops_per_image=rec.metrics.get("compute/flops_per_image", h.get("flops_per_image")),
@@ -207,14 +252,47 @@ def read_run(uri: str, rec) -> RunData:
         time_ms=rec.end_time or rec.start_time, tags=rec.tags, **arrays)
 
 
-def label_optimal_bases(runs: list[RunData]) -> list[RunData]:
-    """When `optimal` runs mix with more than one base schedule, name each series `optimal/<base>` (e.g.
-    optimal/edm2 and optimal/fm), so that they are neither pooled nor compared with the wrong baseline."""
-    bases = {r.base_schedule for r in runs if r.schedule == "optimal"}
-    if len(bases) > 1:
-        for r in runs:
-            if r.schedule == "optimal" and r.base_schedule:
-                r.schedule = f"optimal/{r.base_schedule}"
+OPT_CONSTANTS = ("opt_gamma", "opt_clip_lo", "opt_clip_hi", "opt_tau", "opt_mix")  # label order; then other opt_*
+
+
+def _param_text(v: str | None) -> str:
+    """A param value as a label shows it: numbers with `:g`, anything else as logged ("None" when absent)."""
+    try:
+        return format(float(v), "g")
+    except (TypeError, ValueError):
+        return "None" if v in (None, "") else str(v)
+
+
+def _differing_constants(runs: list[RunData]) -> list[str]:
+    """The `opt_*` params (opt_variant aside) whose values differ between `runs`, in label order."""
+    keys = {k for r in runs for k in r.params if k.startswith("opt_") and k != "opt_variant"}
+    differ = [k for k in keys if len({_param_text(r.params.get(k)) for r in runs}) > 1]
+    order = {k: i for i, k in enumerate(OPT_CONSTANTS)}
+    return sorted(differ, key=lambda k: (order.get(k, len(order)), k))
+
+
+def label_optimal_series(runs: list[RunData]) -> list[RunData]:
+    """Name the `optimal` runs' series so that runs are pooled only with runs of the same schedule.
+
+    One variant and no differing constant: `optimal`, or `optimal/<base>` when the runs mix with more than
+    one base schedule (the names of reports before variants). Otherwise the series key is the variant, the
+    base schedule and the `opt_*` constants that differ between the optimal runs of that variant:
+    `optimal[floor, gamma=0.5]/edm2` (constants without the `opt_` prefix, values with `:g`)."""
+    optimal = [r for r in runs if r.schedule == "optimal"]
+    by_variant: dict[str, list[RunData]] = {}
+    for r in optimal:
+        by_variant.setdefault(r.variant or "paper", []).append(r)
+    differ = {v: _differing_constants(rs) for v, rs in by_variant.items()}
+    if len(by_variant) <= 1 and not any(differ.values()):
+        if len({r.base_schedule for r in optimal}) > 1:
+            for r in optimal:
+                if r.base_schedule:
+                    r.schedule = f"optimal/{r.base_schedule}"
+        return runs
+    for variant, rs in by_variant.items():
+        for r in rs:
+            inside = [variant] + [f"{k.removeprefix('opt_')}={_param_text(r.params.get(k))}" for k in differ[variant]]
+            r.schedule = f"optimal[{', '.join(inside)}]" + (f"/{r.base_schedule}" if r.base_schedule else "")
     return runs
 
 
@@ -232,7 +310,7 @@ def collect_experiment(uri: str, experiment: str, sweep_run_id: str | None = Non
     if not training:
         other = f" ({len(records)} other runs: sweep parents or reports)" if records else ""
         raise NoRunsError(f"no training runs in {where}{other}")
-    runs = sorted(label_optimal_bases([read_run(uri, r) for r in training]),
+    runs = sorted(label_optimal_series([read_run(uri, r) for r in training]),
                   key=lambda r: (r.schedule, r.param_count or 0, r.name, r.run_id))
     exp = ExperimentData(experiment, uri, sweep_run_id, runs,
                          sorted(r.run_name for r in records if not _is_training_run(r)), None)

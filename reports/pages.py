@@ -15,6 +15,7 @@ import numpy as np
 from edm_opt.diffusion import bin_edges, sigma_key
 from edm_opt.optimal_loss import OptimalLossTable
 from edm_opt.plots import figure
+from edm_opt.schedule import BANDS
 
 from .analysis import Analysis, SeriesFit
 from .data import ExperimentData, RunData
@@ -24,7 +25,7 @@ PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 HEATMAPS_PER_PAGE = 12  # 3 x 4 panels
 SCHEDULE_COLOURS = {"edm": "tab:blue", "edm2": "tab:orange", "fm": "tab:green", "optimal": "tab:red",
                     "optimal/edm": "tab:brown", "optimal/edm2": "tab:red", "optimal/fm": "tab:purple"}
-OTHER_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+OTHER_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "navy", "darkgoldenrod", "teal", "maroon")
 MAX_RUN_LEGEND = 12  # more runs than this: the legend names schedules only
 
 
@@ -160,6 +161,58 @@ def draw_final_gap_page(exp: ExperimentData):
     ax_rel.set(xlabel="sigma (VE)", ylabel="(J_sigma - J*_sigma) / J*_sigma",
                title="gap relative to J*, sigma >= sigma*")
     _runs_legend(ax, runs, colours)
+    return fig
+
+
+BAND_EDGES = sorted({lo for lo, _ in BANDS if lo > 0})  # sigma = 0.3, 2, 10: where the grid's bands meet
+
+
+def draw_share_page(exp: ExperimentData, a: Analysis):
+    """Each series' loss share per sigma at the last status (mean over runs), and each series' final gap
+    per sigma over its baseline's (method.md section 4.4)."""
+    fig, axes = new_page("Loss shares and gaps per sigma", 1, 2)
+    fig.subplots_adjust(wspace=0.3, bottom=0.14)
+    ax, ax_r = axes[0]
+    colours = schedule_colours(exp.schedules)
+    if not exp.with_history:
+        for x in axes[0]:
+            say_missing(x, "No run has a held-out evaluation yet.")
+        return fig
+    if not a.shares:
+        say_missing(ax, "No run has loss shares (sched/share_sigma_<s>, the \"share\" of per_sigma.json): the "
+                        "runs were trained before edm-opt logged them.")
+    else:
+        for p in a.shares:
+            pos = p.share > 0
+            ax.plot(p.sigmas[pos], p.share[pos], marker=".", ms=3, lw=1.2, color=colours[p.schedule],
+                    label=f"{p.schedule} ({p.n_runs} runs)")
+        log_axes(ax)
+        ax.set(xlabel="sigma (VE)", ylabel="share of the training signal per grid bin",
+               title="share at the last status (mean over runs)")
+        ax.legend(fontsize=7)
+    if not a.gap_ratios:
+        say_missing(ax_r, "No series to compare with a baseline: one schedule only, or series on different "
+                          "sigma grids.")
+    else:
+        for g in a.gap_ratios:
+            ok = np.isfinite(g.ratio)
+            how = f"{g.n_pairs} pairs" if g.n_pairs else "means, no seed pair"
+            ax_r.plot(g.sigmas[ok], g.ratio[ok], marker=".", ms=3, lw=1.2, color=colours[g.schedule],
+                      label=f"{g.schedule} / {g.baseline} ({how})")
+        ax_r.axhline(1, color="grey", lw=1)
+        log_axes(ax_r)
+        ax_r.set(xlabel="sigma (VE)", ylabel="final gap / final gap of the baseline",
+                 title="final gap / baseline's (below 1: closer to J*)")
+        ax_r.legend(fontsize=7)
+    for x in (ax, ax_r):
+        if x.axison:
+            for edge in BAND_EDGES:
+                x.axvline(edge, color="grey", ls=":", lw=1)
+    fig.text(0.5, 0.03, f"dotted: band edges sigma = {', '.join(f'{e:g}' for e in BAND_EDGES)}. share: the bin's "
+             "share p w J / sum of the training signal (sched/share_sigma_<s>). gap: held-out EMA loss - J*_sigma; "
+             "ratio: geometric mean over pairs of runs\nwith the same preset and seed (else: ratio of the mean gaps "
+             "over all runs), each series against its own base schedule (optimal) or the baseline (others)",
+             ha="center", va="center", fontsize=8)
     return fig
 
 

@@ -5,21 +5,23 @@ J_sigma(f) = J*_sigma + g_sigma ((f / f0)^alpha + 0.1 (P / 1e5)^-0.5) with multi
 (per-dimension x0 MSE, f in FLOPs, P parameters: small networks level off higher). It logs the metrics
 a training run logs at each status step, the `per_sigma.json` and `jstar.json` artifacts, and optionally
 FID/KID at snapshot steps with FID = fid_offset + fid_scale x gap at one sigma (a known relation for
-the gap-vs-FID correlation).
+the gap-vs-FID correlation). Loss shares (`sched/share_sigma_<s>`) are s_b = q_b w_b J_b (sigma_b /
+0.5)^t / sum: the base density's bin mass q, the EDM weight w, the noise-free loss J and a tilt exponent t.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edm_opt import __version__
 from edm_opt.diagnose import per_sigma_metrics
-from edm_opt.diffusion import reference_total, sigma_grid, sigma_key
+from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, edm_weight, reference_total, sigma_grid, sigma_key
 from edm_opt.fileio import write_json
+from edm_opt.schedule import normalised_share
 from edm_opt.tracking import RunLogger, set_run_status
 
 DATA_VARIANCE = 0.29  # per dimension, about that of `digits`
@@ -35,7 +37,13 @@ def synthetic_jstar(sigmas: np.ndarray, sigma_c: float = 0.3) -> np.ndarray:
 @dataclass
 class SyntheticRun:
     """One run: name, schedule, size (parameters, FLOPs per image), status steps every `status_every`
-    images, gap exponent alpha and amplitude; FID every `fid_every` status steps (None: no FID)."""
+    images, gap exponent alpha and amplitude; FID every `fid_every` status steps (None: no FID).
+
+    variant: of an `optimal` run, logged as the `opt_variant` param and the `edm_opt.opt_variant` tag (None:
+    neither, a run from before variants). params: more params (e.g. {"opt_gamma": 0.5}). seed: the `seed`
+    param (None: the noise seed of `log_synthetic_run`). share_tilt: the shares' tilt exponent t (None: 0.5
+    for `optimal`, 0 otherwise). shares: log shares (False: a run from before edm-opt logged them).
+    """
 
     name: str
     schedule: str = "edm"
@@ -54,6 +62,11 @@ class SyntheticRun:
     status: str = "FINISHED"
     preset: str = "synthetic"
     base_schedule: str | None = None  # of an `optimal` run, logged as the training runner does
+    variant: str | None = None
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    share_tilt: float | None = None
+    shares: bool = True
 
 
 def synthetic_history(run: SyntheticRun, sigmas: np.ndarray, jstar: np.ndarray, rng: np.random.Generator) -> dict:
@@ -65,12 +78,22 @@ def synthetic_history(run: SyntheticRun, sigmas: np.ndarray, jstar: np.ndarray, 
     gap = g[None, :] * ((flops[:, None] / F0) ** run.alpha + capacity)
     loss = (jstar[None, :] + gap) * (1 + run.noise * rng.standard_normal(gap.shape))
     stderr = 0.01 * loss
+    extra = {"share": synthetic_shares(run, sigmas, jstar[None, :] + gap).tolist()} if run.shares else {}
     return {"sigmas": sigmas.tolist(), "jstar": jstar.tolist(), "jstar_stderr": (1e-3 * jstar).tolist(),
             "param_count": run.param_count, "flops_per_image": int(run.flops_per_image), "schedule": run.schedule,
             "preset": run.preset, "nimg": nimg, "loss_x0": loss.tolist(), "stderr": stderr.tolist(),
             "loss_x0_raw": (loss * 1.01).tolist(), "loss_x0_batch": loss.tolist(),
             "p_sigma": [None] * run.steps, "ref_total": [reference_total(sigmas, l) for l in loss],
-            "flops_total": flops.tolist()}
+            "flops_total": flops.tolist(), **extra}
+
+
+def synthetic_shares(run: SyntheticRun, sigmas: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """[T, K] loss shares of the run at the per-sigma losses `loss` [T, K] (each row sums to 1)."""
+    fm = run.schedule == "fm" or run.base_schedule == "fm"
+    mass = (FM_DENSITY if fm else EDM_DENSITY).bin_mass(sigmas)
+    t = run.share_tilt if run.share_tilt is not None else (0.5 if run.schedule == "optimal" else 0.0)
+    weight = edm_weight(sigmas) * (sigmas / 0.5) ** t
+    return np.array([normalised_share(mass, weight, row) for row in loss])
 
 
 def jstar_table(sigmas: np.ndarray, jstar: np.ndarray) -> dict:
@@ -98,11 +121,18 @@ def log_synthetic_run(uri: str, experiment: str, run: SyntheticRun, sigmas: np.n
     h = synthetic_history(run, sigmas, jstar, rng)
     tags = {"edm_opt.dataset_fingerprint": "synthetic0000", "edm_opt.schedule": run.schedule,
             "edm_opt.preset": run.preset, "edm_opt.git_commit": "synthetic", "edm_opt.duration": h["nimg"][-1]}
+    if run.schedule == "optimal":
+        variant = {"opt_variant": run.variant} if run.variant else {}  # none: a run from before variants
+        if run.variant:
+            tags["edm_opt.opt_variant"] = run.variant
+    else:
+        variant = {"opt_variant": None}  # as training logs its resolved config for the other schedules
     if parent_run_id:
         tags["edm_opt.sweep"] = parent_run_id
     logger = RunLogger.create(uri, experiment, run.name, tags, parent_run_id, verbose=False)
     logger.log_params({"preset": run.preset, "schedule": run.schedule, "base_schedule": str(run.base_schedule),
-                       "sigmas": f"0.002:80:{len(sigmas)}",
+                       "sigmas": f"0.002:80:{len(sigmas)}", "seed": seed if run.seed is None else run.seed,
+                       **variant, **run.params,
                        "jstar.estimator": "synthetic", "jstar.ref_total": reference_total(sigmas, jstar)})
     logger.log_metrics({"model/param_count": run.param_count, "compute/flops_per_image": run.flops_per_image,
                         **{f"jstar/sigma_{sigma_key(s)}": float(j) for s, j in zip(sigmas, jstar)}}, step=0)
@@ -113,6 +143,8 @@ def log_synthetic_run(uri: str, experiment: str, run: SyntheticRun, sigmas: np.n
             m = {k: v for k, v in m.items() if not k.split("/")[1].startswith("sigma_")}
         m.update({"loss/train": m["loss/ref_total"], "compute/flops_total": h["flops_total"][t], "train/lr": 0.01,
                   "perf/img_per_s": 1000.0})
+        if run.shares and (per_sigma_history or t == run.steps - 1):
+            m.update({f"sched/share_sigma_{sigma_key(s)}": float(v) for s, v in zip(sigmas, h["share"][t])})
         if run.fid_every and (t + 1) % run.fid_every == 0:
             fid = run.fid_offset + run.fid_scale * (loss[t, run.fid_sigma] - jstar[run.fid_sigma])
             m["fid"] = fid * (1 + run.noise * rng.standard_normal())

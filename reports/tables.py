@@ -80,14 +80,14 @@ def fit_table(series: list[SeriesFit]) -> list[str]:
 # Run table
 
 
-RUN_HEADER = (f"{'run':<32} {'schedule':<12} {'preset':<14} {'params':>12} {'images':>11} {'ref gap':>10} "
+RUN_HEADER = (f"{'run':<32} {'schedule':<32} {'preset':<14} {'params':>12} {'images':>11} {'ref gap':>10} "
               f"{'FID':>8} {'KID':>9} {'status':<9} {'data from':<16}")
 
 
 def run_row(r: RunData) -> str:
     gap = fmt(float(r.ref_gap[-1])) if r.has_history else NA
     nimg = fmt_int(int(r.nimg[-1])) if r.has_history else NA
-    return (f"{r.name[:32]:<32} {r.schedule[:12]:<12} {r.preset[:14]:<14} {fmt_int(r.param_count):>12} {nimg:>11} "
+    return (f"{r.name[:32]:<32} {r.schedule[:32]:<32} {r.preset[:14]:<14} {fmt_int(r.param_count):>12} {nimg:>11} "
             f"{gap:>10} {fmt(r.final(r.fid)):>8} {fmt(r.final(r.kid)):>9} {r.status[:9]:<9} {r.source[:16]:<16}")
 
 

@@ -2,7 +2,9 @@
 
 Most tests share one SQLite store of synthetic runs logged through edm_opt.tracking (the naming
 contract, per_sigma.json and jstar.json artifacts), including a run without artifacts (read from its
-metric histories), a RUNNING run and a run with no evaluation yet. The slow test trains two tiny runs.
+metric histories), a RUNNING run and a run with no evaluation yet. Others log optimal-schedule variants
+(series labels, comparisons with their own base) and runs from before loss shares existed. The slow test
+trains two tiny runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from edm_opt.diagnose import gap_fid_points
 from edm_opt.diffusion import sigma_grid
 from edm_opt.fileio import write_json
 from edm_opt.tracking import create_run, get_run, load_json_artifact, log_now
-from reports.analysis import analyse
+from reports.analysis import analyse, baseline_schedule
 from reports.build import build_report
 from reports.data import NoRunsError, collect_experiment
 from reports.synthetic import SyntheticRun, log_synthetic_run, synthetic_history, synthetic_jstar
@@ -105,6 +107,17 @@ def test_collect_reads_artifacts_metric_histories_and_running_runs(store):
     np.testing.assert_allclose(r.loss_x0, h["loss_x0"], rtol=1e-12)
     np.testing.assert_allclose(r.ref_total, h["ref_total"], rtol=1e-12)
     assert r.fid.shape == (3, 2) and r.param_count == 200_000
+    np.testing.assert_allclose(r.share, h["share"], rtol=1e-12)  # from sched/share_sigma_<s> histories
+
+    # Shares from per_sigma.json; the variant and params of the runs (optimal logged before variants: paper).
+    h0 = synthetic_history(store["runs"][0], grid, synthetic_jstar(grid), np.random.default_rng(0))
+    assert by_name["edm-0"].share.shape == (10, 8)
+    np.testing.assert_allclose(by_name["edm-0"].share, h0["share"], rtol=1e-12)
+    np.testing.assert_allclose(by_name["edm-0"].share.sum(axis=1), 1.0, rtol=1e-12)
+    assert by_name["optimal-0"].variant == "paper" and by_name["optimal-running"].variant == "paper"
+    assert by_name["edm-0"].variant is None and by_name["edm-0"].params["opt_variant"] == "None"
+    assert by_name["optimal-0"].params["seed"] == "1" and by_name["edm-metrics-only"].params["seed"] == "10"
+    assert {r.schedule for r in exp.runs} == {"edm", "optimal"}  # one variant: the labels of before
 
 
 def test_a_short_per_sigma_artifact_gives_way_to_the_metric_histories(tmp_path):
@@ -160,7 +173,8 @@ def test_report_pages_numbers_csv_and_rendering(store, tmp_path):
     s = build_report(EXPERIMENT, out, sweep_run_id=store["sweep"], csv_dir=tmp_path / "csv", uri=store["uri"], **FAST)
 
     assert s.pages == ["Title", "Optimal loss J*_sigma", "Per-sigma gap at each run's last evaluation",
-                       "Gap over training (heat maps)", "Scaling of the reference total", "Scaling per sigma",
+                       "Gap over training (heat maps)", "Loss shares and gaps per sigma",
+                       "Scaling of the reference total", "Scaling per sigma",
                        "Fit table per sigma", "Schedules at equal compute", "FID and KID", "Per-sigma gap vs FID",
                        "Runs", "Summary"]
     texts = _pdf_text(out)
@@ -187,6 +201,10 @@ def test_report_pages_numbers_csv_and_rendering(store, tmp_path):
 
     title = texts[0]
     assert EXPERIMENT in title and "9 training runs" in title and "synthetic0000" in title
+    assert "Loss shares and gaps per sigma" in title  # in the contents
+    shares = _page(texts, s.pages, "Loss shares and gaps per sigma")
+    assert "Loss shares and gaps per sigma" in shares and "No run has loss shares" not in shares
+    assert "optimal / edm (means, no seed pair)" in shares and "band edges sigma = 0.3, 2, 10" in shares
     assert "RUNNING (2)" in title  # the run logged as RUNNING and the one just started
     runs_page = _page(texts, s.pages, "Runs")
     assert all(r.name in runs_page for r in store["runs"]) and "edm-just-started" in runs_page
@@ -198,7 +216,25 @@ def test_report_pages_numbers_csv_and_rendering(store, tmp_path):
     ref = next(r for r in rows if r["series"] == "reference total" and r["form"] == "subtracted")
     assert float(ref["alpha"]) == pytest.approx(sub.alpha, rel=1e-12)
     with open(tmp_path / "csv" / "per_sigma_final.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 8 * 8  # runs with data x sigmas
+        per_sigma = list(csv.DictReader(fh))
+    assert len(per_sigma) == 8 * 8  # runs with data x sigmas
+    assert list(per_sigma[0])[-2:] == ["gap", "share"]
+    share_sum: dict[str, float] = {}
+    for row in per_sigma:
+        assert float(row["share"]) > 0 and float(row["gap"]) == pytest.approx(
+            float(row["loss_x0"]) - float(row["jstar"]), rel=1e-9, abs=1e-15)
+        share_sum[row["run_name"]] = share_sum.get(row["run_name"], 0.0) + float(row["share"])
+    assert len(share_sum) == 8 and all(v == pytest.approx(1.0, rel=1e-9) for v in share_sum.values())
+    grid = sigma_grid(num=8)
+    h = synthetic_history(store["runs"][0], grid, synthetic_jstar(grid), np.random.default_rng(0))
+    got = [float(row["share"]) for row in per_sigma if row["run_name"] == "edm-0"]
+    np.testing.assert_allclose(got, h["share"][-1], rtol=1e-12)
+    with open(tmp_path / "csv" / "runs.csv") as fh:
+        runs_csv = {r["run_name"]: r for r in csv.DictReader(fh)}
+    assert list(next(iter(runs_csv.values())))[-3:] == ["kid", "variant", "seed"]
+    assert (runs_csv["optimal-2"]["variant"], runs_csv["optimal-2"]["seed"]) == ("paper", "5")
+    assert (runs_csv["edm-0"]["variant"], runs_csv["edm-0"]["seed"]) == ("", "0")
+    assert runs_csv["edm-just-started"]["seed"] == ""  # no params logged
     assert {p.name for p in s.csv_files} == {"per_sigma_final.csv", "fits.csv", "runs.csv", "gap_fid.csv"}
 
     # docs/results/claims_tables.py turns the CSVs into the markdown tables of docs/results.
@@ -267,12 +303,153 @@ def test_optimal_on_two_bases_is_two_series_each_against_its_base(tmp_path):
     assert ratio1["optimal", "edm2"] == pytest.approx(0.8, rel=0.02)
 
 
+VARIANT_RUNS = (  # (schedule, base, variant, params, gap relative to the base's, expected series label)
+    ("edm2", None, None, {}, 1.0, "edm2"),
+    ("optimal", "edm2", "floor", {"opt_gamma": 0.5, "opt_clip_lo": 0.25}, 0.8, "optimal[floor, gamma=0.5]/edm2"),
+    ("optimal", "edm2", "floor", {"opt_gamma": 1.0, "opt_clip_lo": 0.25}, 0.9, "optimal[floor, gamma=1]/edm2"),
+    ("optimal", "edm2", "base-below", {"opt_gamma": 1.0, "opt_tau": 0.25}, 0.7, "optimal[base-below]/edm2"),
+    ("fm", None, None, {}, 1.2, "fm"),  # relative to edm2, the baseline of the non-optimal series
+    ("optimal", "fm", "floor", {"opt_gamma": 1.0, "opt_clip_lo": 0.25}, 1.1, "optimal[floor, gamma=1]/fm"),
+)
+
+
+def test_variants_are_series_each_against_its_own_base(tmp_path):
+    """Variants and differing constants are separate series, named by what differs, each compared with its own
+    base on the schedule page (frontiers) and on the shares page (final gap per sigma, runs paired by preset and
+    seed). Two sizes, each its own preset; seeds 3 and 4 at each, so every run has exactly one partner."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    amplitude = {"edm2": 1.0, "fm": 1.2}
+    noise = 0
+    for i in range(2):
+        for seed in (3, 4):
+            for schedule, base, variant, params, rel, label in VARIANT_RUNS:
+                log_synthetic_run(uri, "variants", SyntheticRun(
+                    f"{label}-p{i}-s{seed}", schedule, 100_000 * 4 ** i, 1e7 * 4 ** i, steps=4, fid_every=None,
+                    amplitude=rel * amplitude.get(base, 1.0), base_schedule=base, variant=variant, params=params,
+                    seed=seed, preset=f"p{i}"), seed=noise)
+                noise += 1
+    expected = {(label, base or "edm2"): rel for _, base, _, _, rel, label in VARIANT_RUNS[1:]}
+    exp = collect_experiment(uri, "variants")
+    assert exp.schedules == sorted(label for *_, label in VARIANT_RUNS)
+    assert {r.variant for r in exp.runs if r.schedule.startswith("optimal")} == {"floor", "base-below"}
+    assert all(r.variant is None for r in exp.runs if not r.schedule.startswith("optimal"))
+    assert baseline_schedule(exp.schedules) == "edm2"
+    assert baseline_schedule([label for *_, label in VARIANT_RUNS if label.startswith("optimal")]) is None
+    a = analyse(exp, bootstrap=0, sigma_bootstrap=0, sigma_panels=2)
+    ratio = {(c.schedule, c.baseline): c.gap_ratio for c in a.comparisons}
+    assert set(ratio) == set(expected)
+    for key, rel in expected.items():
+        assert ratio[key] == pytest.approx(rel, rel=0.02), key
+
+    # Per sigma: the logged amplitude ratio at every sigma, from 4 (preset, seed) pairs per series.
+    per_sigma = {(g.schedule, g.baseline): g for g in a.gap_ratios}
+    assert set(per_sigma) == set(expected)
+    for key, rel in expected.items():
+        g = per_sigma[key]
+        assert g.n_pairs == 4 and g.ratio.shape == (8,)
+        np.testing.assert_allclose(g.ratio, rel, rtol=0.03)
+    # Shares: each series' final shares, a mean over its 4 runs, sum to 1; optimal is tilted to high sigma.
+    shares = {p.schedule: p for p in a.shares}
+    assert set(shares) == set(exp.schedules) and all(p.n_runs == 4 for p in shares.values())
+    for p in shares.values():
+        assert p.share.sum() == pytest.approx(1.0, rel=1e-9)
+    opt = shares["optimal[floor, gamma=1]/edm2"].share
+    assert opt[-1] > shares["edm2"].share[-1] and opt[0] < shares["edm2"].share[0]
+
+    s = build_report("variants", tmp_path / "r.pdf", csv_dir=tmp_path / "csv", uri=uri, **FAST)
+    texts = _pdf_text(tmp_path / "r.pdf")
+    schedules = _page(texts, s.pages, "Schedules at equal compute")
+    share_page = _page(texts, s.pages, "Loss shares and gaps per sigma")
+    summary = " ".join(s.summary)
+    for (label, base), rel in expected.items():
+        assert f"{label} vs {base}" in schedules
+        assert f"{label} / {base} (4 pairs)" in share_page and f"{label} (4 runs)" in share_page
+        verdict = "lower" if rel < 1 else "higher"
+        assert f"the {label} frontier reaches a {verdict} reference gap than {base}" in summary
+    with open(tmp_path / "csv" / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["schedule"], r["variant"]) for r in rows} == {(label, v or "") for _, _, v, _, _, label in VARIANT_RUNS}
+    assert sorted(r["seed"] for r in rows) == ["3"] * 12 + ["4"] * 12
+
+
+def test_one_variant_keeps_the_labels_of_before(tmp_path):
+    """One variant and the same constants: `optimal` (one base) or `optimal/<base>` (several), whatever the
+    constants are. A run logged before variants (no opt_variant, no opt_gamma) is a paper run, like one that
+    logged them as "None"; the same value written two ways ("1" and "1.0") is no difference."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for i, (schedule, base, variant, params) in enumerate((
+            ("edm2", None, None, {}), ("fm", None, None, {}),
+            ("optimal", "edm2", "floor", {"opt_gamma": "1", "opt_mix": 0.2}),
+            ("optimal", "fm", "floor", {"opt_gamma": "1.0", "opt_mix": "0.2"}))):
+        log_synthetic_run(uri, "one-variant", SyntheticRun(f"{schedule}-{base}", schedule, steps=3, fid_every=None,
+                                                           base_schedule=base, variant=variant, params=params), seed=i)
+    exp = collect_experiment(uri, "one-variant")
+    assert exp.schedules == ["edm2", "fm", "optimal/edm2", "optimal/fm"]
+    assert {r.variant for r in exp.runs if r.schedule.startswith("optimal")} == {"floor"}
+
+    uri = f"sqlite:///{tmp_path / 'paper.db'}"
+    for i, (variant, params) in enumerate(((None, {}), ("paper", {"opt_gamma": None, "opt_tau": None}))):
+        log_synthetic_run(uri, "paper", SyntheticRun(f"optimal-{i}", "optimal", steps=3, fid_every=None,
+                                                     base_schedule="edm", variant=variant, params=params), seed=i)
+    log_synthetic_run(uri, "paper", SyntheticRun("edm", "edm", steps=3, fid_every=None), seed=2)
+    exp = collect_experiment(uri, "paper")
+    assert [(r.schedule, r.variant) for r in exp.runs] == [("edm", None), ("optimal", "paper"), ("optimal", "paper")]
+    a = analyse(exp, bootstrap=0, sigma_bootstrap=0, sigma_panels=2)
+    assert [(c.schedule, c.baseline) for c in a.comparisons] == [("optimal", "edm")]
+
+    # Two variants: every optimal series is named by its variant and base, even where one base only.
+    log_synthetic_run(uri, "paper", SyntheticRun("optimal-floor", "optimal", steps=3, fid_every=None,
+                                                 base_schedule="edm", variant="floor"), seed=3)
+    exp = collect_experiment(uri, "paper")
+    assert exp.schedules == ["edm", "optimal[floor]/edm", "optimal[paper]/edm"]
+
+
+def test_runs_without_shares_still_report(tmp_path):
+    """Runs from before loss shares: no "share" in per_sigma.json and no share metrics (share NaN, the page
+    says so, empty CSV cells); the gap panel still compares them (no seed pair: the ratio of mean gaps)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for seed, (schedule, amplitude) in enumerate((("edm", 1.0), ("optimal", 0.8))):
+        log_synthetic_run(uri, "no-shares", SyntheticRun(schedule, schedule, steps=6, amplitude=amplitude,
+                                                         fid_every=None, shares=False), seed=seed)
+    exp = collect_experiment(uri, "no-shares")
+    for r in exp.runs:
+        assert r.source == "per_sigma.json" and r.share.shape == (6, 8) and np.isnan(r.share).all()
+        assert "share" not in load_json_artifact(uri, r.run_id, "per_sigma.json")
+    s = build_report("no-shares", tmp_path / "r.pdf", csv_dir=tmp_path / "csv", uri=uri, **FAST)
+    texts = _pdf_text(tmp_path / "r.pdf")
+    page = _page(texts, s.pages, "Loss shares and gaps per sigma")
+    assert "No run has loss shares" in page and "optimal / edm (means, no seed pair)" in page
+    a = analyse(exp, bootstrap=0, sigma_bootstrap=0, sigma_panels=2)
+    assert a.shares == [] and len(a.gap_ratios) == 1 and a.gap_ratios[0].n_pairs == 0
+    np.testing.assert_allclose(a.gap_ratios[0].ratio, 0.8, rtol=0.03)
+    with open(tmp_path / "csv" / "per_sigma_final.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 8 and all(r["share"] == "" and float(r["loss_x0"]) > 0 for r in rows)
+
+    # Null entries (statuses written before shares) and a short artifact: the metric histories (which have
+    # no shares) give the curve, the artifact's shares fill the statuses it has.
+    spec = SyntheticRun("resumed", "edm", steps=6, fid_every=None, shares=False)
+    run_id = log_synthetic_run(uri, "partial", spec, seed=5)
+    grid = sigma_grid(num=8)
+    h = synthetic_history(SyntheticRun("resumed", "edm", steps=6, fid_every=None), grid, synthetic_jstar(grid),
+                          np.random.default_rng(5))
+    h["share"][:3] = [None] * 3
+    cut = {k: (v[1:] if isinstance(v, list) and len(v) == spec.steps else v) for k, v in h.items()}
+    (tmp_path / "cut").mkdir()
+    log_now(uri, run_id, artifacts=[write_json(tmp_path / "cut" / "per_sigma.json", cut)])
+    (r,) = collect_experiment(uri, "partial").runs
+    assert r.source == "metric histories (per_sigma.json lacks 1 statuses)"
+    np.testing.assert_array_equal(r.nimg, h["nimg"])
+    assert np.isnan(r.share[:3]).all()
+    np.testing.assert_allclose(r.share[3:], h["share"][3:], rtol=1e-12)
+
+
 def test_single_run_without_fid_and_too_few_points(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_synthetic_run(uri, "single", SyntheticRun("edm-only", steps=2, fid_every=None))
     s = build_report("single", tmp_path / "r.pdf", csv_dir=tmp_path / "csv", uri=uri, **FAST)
     texts = _pdf_text(tmp_path / "r.pdf")
-    assert len(texts) == len(s.pages) == 12
+    assert len(texts) == len(s.pages) == 13
     fid = _page(texts, s.pages, "FID and KID")
     assert "No FID logged for any run" in fid
     assert any("no run has FID" in m for m in s.missing)
@@ -284,7 +461,7 @@ def test_single_run_without_fid_and_too_few_points(tmp_path):
         rows = list(csv.reader(fh))
     assert len(rows) == 1 + 9 and {len(r) for r in rows} == {len(rows[0])}  # no fits: one row per series
     assert rows[1][0] == "reference total" and "only 2 logged points" in rows[1][-1]
-    assert len(_render(tmp_path / "r.pdf", tmp_path)) == 12
+    assert len(_render(tmp_path / "r.pdf", tmp_path)) == 13
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,14 +481,19 @@ def test_report_from_two_real_training_runs(tmp_path):
     s = build_report("real", tmp_path / "real.pdf", csv_dir=tmp_path / "csv",
                      uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **FAST)
     texts = _pdf_text(tmp_path / "real.pdf")
-    assert len(texts) == len(s.pages) == 12
+    assert len(texts) == len(s.pages) == 13
     assert s.runs == s.runs_with_data == 2 and s.runs_with_fid == 0
     exp = collect_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "real")
     assert all(r.source == "per_sigma.json" and list(r.nimg) == [512, 1024, 1536, 2048] for r in exp.runs)
     assert {r.schedule for r in exp.runs} == {"edm", "optimal"}
+    assert {r.schedule: r.variant for r in exp.runs} == {"edm": None, "optimal": "floor"}  # the default variant
+    for r in exp.runs:  # training writes the shares into per_sigma.json at every status
+        assert r.share.shape == (4, 8) and np.isfinite(r.share).all()
+        np.testing.assert_allclose(r.share.sum(axis=1), 1.0, rtol=1e-6)
+    assert "No run has loss shares" not in _page(texts, s.pages, "Loss shares and gaps per sigma")
     assert "digits" in texts[0] and "cdol" in texts[0]
     scaling = _page(texts, s.pages, "Scaling of the reference total")
     if s.reference.fits is not None and not np.isnan(s.reference.fits.subtracted.alpha):
         assert fmt(s.reference.fits.subtracted.alpha) in scaling
     assert "No FID logged" in _page(texts, s.pages, "FID and KID")
-    assert len(_render(tmp_path / "real.pdf", tmp_path)) == 12
+    assert len(_render(tmp_path / "real.pdf", tmp_path)) == 13
