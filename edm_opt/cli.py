@@ -343,7 +343,8 @@ def diagnose(model, source, jstar, target, precond, sigmas, per_sigma, out, pres
     or package.module:factory returning a module (c_in x, sigma, labels) -> native output (--target, --precond).
     Writes OUT/diagnose.json and OUT/diagnose.png and logs to MLflow (experiment `diagnose`, or --run-id).
     """
-    from .diagnose import gap_fid_report, run_diagnosis
+    from .diagnose import run_diagnosis
+    from .gap_fid import gap_fid_report
 
     if runs_experiment:
         from .tracking import default_tracking_uri

@@ -179,7 +179,7 @@ def fid_stage(stage: Stage, sweep, fid_images: int, fid_ref_images: int) -> None
         run = RunDir(cell.run_dir)
         info = run.read_info()
         nimg, _ = run.snapshot_path("latest")
-        done = [v for step, v in metric_history(info["tracking_uri"], info["mlflow_run_id"], "fid") if step == nimg]
+        done = [v for step, v in metric_history(info.tracking_uri, info.mlflow_run_id, "fid") if step == nimg]
         if done:
             stage.echo(f"{cell.run_name}: FID {done[-1]:.2f} already logged at {nimg:,} images")
             continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from . import EdmOptError
 from . import distributed as D
+from .loading import load_snapshot_network
 
 
 class EvaluationError(EdmOptError, ValueError):
@@ -38,26 +38,6 @@ def parse_seeds(spec: str) -> list[int]:
             raise EvaluationError(f"seed range {part!r} is empty")
         seeds.extend(range(lo, hi + 1))
     return seeds
-
-
-@dataclass
-class Snapshot:
-    net: torch.nn.Module
-    nimg: int
-    path: Path
-    meta: dict
-
-
-def load_snapshot_network(path: str | Path, device="cpu") -> Snapshot:
-    """An edm-opt snapshot file as an eval-mode network on `device`."""
-    from .networks.presets import ARCHITECTURES
-    from .rundir import load_snapshot
-
-    snap = load_snapshot(path)
-    spec = snap["network"]
-    net = ARCHITECTURES[spec["arch"]](**spec["kwargs"])
-    net.load_state_dict(snap["net"])
-    return Snapshot(net.eval().requires_grad_(False).to(device), int(snap["nimg"]), Path(path), snap)
 
 
 def select_snapshot(run, which: str, uri: str | None = None, run_id: str | None = None) -> tuple[int, Path]:
@@ -145,13 +125,13 @@ def evaluate_run(run_dir: str | Path, snapshot: str = "latest", num_images: int 
     base = parse_seeds(seeds) if seeds else list(range(num_images))
     if repeats < 1 or not base:
         raise EvaluationError("--repeats must be >= 1 and the seed list non-empty")
-    uri, run_id = info.get("tracking_uri"), info.get("mlflow_run_id")
+    uri, run_id = info.tracking_uri, info.mlflow_run_id
     nimg, path = select_snapshot(run, snapshot, uri, run_id)
-    spec = DataSpec.from_dict(info["data"])
+    spec = DataSpec.from_dict(info.data)
     dataset = spec.load()
-    if dataset.fingerprint != info["data"]["fingerprint"]:
+    if dataset.fingerprint != info.data["fingerprint"]:
         raise EvaluationError(f"{run.info_path}: the run's data {spec.source} has changed (fingerprint "
-                              f"{dataset.fingerprint[:16]}... now, {info['data']['fingerprint'][:16]}... at training)")
+                              f"{dataset.fingerprint[:16]}... now, {info.data['fingerprint'][:16]}... at training)")
     D.init(env)
     try:
         snap = load_snapshot_network(path, env.device)

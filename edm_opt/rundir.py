@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from . import EdmOptError
+from .contract import RUN_INFO, RunInfo
 from .fileio import atomic_path, write_json
 
 KEEP_CHECKPOINTS = 2
-RUN_INFO = "run.json"
 
 
 class RunDirError(EdmOptError, ValueError):
@@ -48,16 +48,16 @@ class RunDir:
     def exists(self) -> bool:
         return self.info_path.exists()
 
-    def read_info(self) -> dict:
+    def read_info(self) -> RunInfo:
         try:
-            return json.loads(self.info_path.read_text())
+            return RunInfo.from_json(json.loads(self.info_path.read_text()))
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not an edm-opt run directory (no {RUN_INFO})") from None
-        except ValueError as e:
+        except (ValueError, TypeError, AttributeError) as e:
             raise RunDirError(f"{self.info_path}: unreadable ({e})") from None
 
-    def write_info(self, info: dict) -> None:
-        write_json(self.info_path, info)
+    def write_info(self, info: RunInfo) -> None:
+        write_json(self.info_path, info.to_json())
 
     def log(self, line: str) -> None:
         """Append a line to log.txt (rank 0's status lines)."""

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_VARIANT, OPT_VARIANTS, VARIANT_DEFAULTS
-from .diffusion import (FM_DENSITY, SIGMA_MAX, SIGMA_MIN, LogNormal, bin_edges, bin_index, edm_weight, sigma_key,
+from . import contract as C
+from .contract import BANDS, band_name, band_shares, normalised_share
+from .diffusion import (FM_DENSITY, SIGMA_MAX, SIGMA_MIN, LogNormal, bin_edges, bin_index, edm_weight,
                         target_factor)
 
 AllReduce = Callable[[torch.Tensor], None]  # in-place sum over ranks (None: one process)
@@ -77,8 +79,7 @@ class BinLossTracker:
         self._sums, self._counts = [], []
 
     def metrics(self) -> dict[str, float]:
-        return {f"loss_x0_batch/sigma_{sigma_key(s)}": float(v)
-                for s, v in zip(self.sigmas, self.ema) if not math.isnan(v)}
+        return C.sigma_metrics(C.LOSS_X0_BATCH, self.sigmas, self.ema.tolist(), skip_nan=True)
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.clone(), "count": self.count.clone()}
@@ -93,6 +94,7 @@ class Schedule:
 
     name = "edm"
     uses_logvar = False
+    p: torch.Tensor | None = None  # the sampling probability per grid bin, for schedules that sample the grid
 
     def __init__(self, sigmas: np.ndarray, density: LogNormal, sigma_data: float = 0.5, decay: float = 0.99):
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
@@ -114,6 +116,29 @@ class Schedule:
 
     def after_step(self, step: int, all_reduce: AllReduce | None) -> None:
         """Called once after every optimiser step (step counts from 1)."""
+
+    # what the training loop hands the schedule and reads back --------------------------------------
+    def observe(self, sigma: torch.Tensor, loss_x0: torch.Tensor) -> None:
+        """One optimiser step's noise levels and per-sample per-dim x0 errors on this rank (the gap tracker)."""
+        self.tracker.observe(sigma, loss_x0)
+
+    def flush(self, all_reduce: AllReduce | None = None) -> None:
+        """Apply the buffered steps to the tracker (every rank at the same steps: statuses, checkpoints)."""
+        self.tracker.flush(all_reduce)
+
+    def history_row(self, logvar_grid: np.ndarray | None = None) -> dict:
+        """The schedule's rows of a per-sigma history status (contract.PerSigmaHistory)."""
+        return {"loss_x0_batch": self.tracker.ema.numpy(), "share": self.shares(logvar_grid),
+                "p_sigma": None if self.p is None else self.p.numpy()}
+
+    def status_metrics(self, logvar_grid: np.ndarray | None = None) -> dict[str, float]:
+        """The schedule's metrics at a status: the tracker's per-bin EMAs and `metrics` (shares, p)."""
+        return {**self.tracker.metrics(), **self.metrics(logvar_grid)}
+
+    def starved(self, logvar_grid: np.ndarray | None = None) -> list[str]:
+        """Bands of the grid with less than half their base schedule's share (method.md 4.4); none for a base
+        schedule, or before an optimal schedule's warm-up is over."""
+        return []
 
     # loss shares (method.md section 4.4) ----------------------------------------------------------
     def sampling_mass(self) -> np.ndarray:
@@ -142,7 +167,7 @@ class Schedule:
         return normalised_share(self.base_mass(), self.base_grid_weight(), self.tracker.ema.numpy())
 
     def metrics(self, logvar_grid: np.ndarray | None = None) -> dict[str, float]:
-        return {f"sched/share_sigma_{sigma_key(s)}": float(v) for s, v in zip(self.sigmas, self.shares(logvar_grid))}
+        return C.sigma_metrics(C.SHARE, self.sigmas, self.shares(logvar_grid))
 
     def describe(self) -> dict:
         return {"density": f"lognormal({self.density.p_mean}, {self.density.p_std})"}
@@ -255,6 +280,9 @@ class GridSampledSchedule(Schedule):
     def base_mass(self) -> np.ndarray:
         return self.base.numpy()
 
+    def starved(self, logvar_grid=None):
+        return starved_bands(self.sigmas, self.shares(logvar_grid), self.base_shares()) if self.warm else []
+
     def base_grid_weight(self) -> np.ndarray:
         if self.base_learned:
             return 1.0 / self.tracker.ema.numpy()  # EDM2's learned weight at its optimum (method.md 4.2)
@@ -262,7 +290,7 @@ class GridSampledSchedule(Schedule):
 
     def metrics(self, logvar_grid=None):
         return {**super().metrics(logvar_grid),
-                **{f"sched/p_sigma_{sigma_key(s)}": float(v) for s, v in zip(self.sigmas, self.p)}}
+                **C.sigma_metrics(C.P_SIGMA, self.sigmas, self.p.tolist())}
 
     def state_dict(self):
         return {**super().state_dict(), "p": self.p.clone(), "warm": self.warm}
@@ -459,26 +487,6 @@ def learned_weight(lam: np.ndarray, logvar_grid: np.ndarray | None) -> np.ndarra
 
 # --------------------------------------------------------------------------------------------------
 # Loss shares (method.md section 4.4)
-
-BANDS = ((0.0, 0.3), (0.3, 2.0), (2.0, 10.0), (10.0, math.inf))  # the grid's bands for the starvation warning
-
-
-def normalised_share(mass: np.ndarray, weight: np.ndarray, ema: np.ndarray) -> np.ndarray:
-    """s_b = p_b w_b EMA_b / sum: each bin's share of the training signal (bins never seen: 0)."""
-    s = np.nan_to_num(np.asarray(mass) * np.asarray(weight) * np.asarray(ema), nan=0.0)
-    total = s.sum()
-    return s / total if total > 0 else s
-
-
-def band_shares(sigmas: np.ndarray, share: np.ndarray) -> list[float]:
-    """The summed share of each band of BANDS."""
-    return [float(share[(sigmas >= lo) & (sigmas < hi)].sum()) for lo, hi in BANDS]
-
-
-def band_name(lo: float, hi: float) -> str:
-    return f"sigma < {lo if hi == 0 else hi:g}" if lo == 0 else (f"sigma > {lo:g}" if math.isinf(hi)
-                                                                  else f"sigma {lo:g}-{hi:g}")
-
 
 def starved_bands(sigmas: np.ndarray, share: np.ndarray, base_share: np.ndarray, ratio: float = 0.5) -> list[str]:
     """Bands whose share is below `ratio` x the base schedule's share, as 'sigma 2-10: 0.012 (base 0.083)'."""

@@ -385,11 +385,12 @@ def cell_status(cell: Cell, uri: str, by_id: dict | None = None, by_hash: dict |
     run = RunDir(cell.run_dir)
     ckpts = run.checkpoints() if run.path.is_dir() else []
     nimg = ckpts[-1][0] if ckpts else 0
-    info = {}
+    info = None
     if run.exists():
         with contextlib.suppress(Exception):
             info = run.read_info()
-    rec = (by_id or {}).get(info.get("mlflow_run_id")) or (by_hash or {}).get(cell.cell_hash)
+    run_id, run_uri = (info.mlflow_run_id, info.tracking_uri) if info else (None, None)
+    rec = (by_id or {}).get(run_id) or (by_hash or {}).get(cell.cell_hash)
     duration = cell.config.duration
     if nimg >= duration or (not ckpts and rec is not None and rec.status == "FINISHED"
                             and int(rec.tags.get("edm_opt.duration", 0)) >= duration):
@@ -399,12 +400,12 @@ def cell_status(cell: Cell, uri: str, by_id: dict | None = None, by_hash: dict |
         state = "failed"
     elif rec is not None and rec.status == "RUNNING":
         state = "running"
-    elif ckpts or rec is not None or info:
+    elif ckpts or rec is not None or info is not None:
         state = "partial"
     else:
         state = "not started"
-    return CellStatus(cell, state, nimg, rec.run_id if rec else info.get("mlflow_run_id"),
-                      info.get("tracking_uri") or (uri if rec else None), dict(rec.metrics) if rec else {})
+    return CellStatus(cell, state, nimg, rec.run_id if rec else run_id, run_uri or (uri if rec else None),
+                      dict(rec.metrics) if rec else {})
 
 
 def format_status(sweep: Sweep, statuses: list[CellStatus]) -> str:

@@ -9,23 +9,39 @@ MLflow run when the same command is run again.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from . import EdmOptError, __version__
+from . import EdmOptError
+from . import contract as C
 from . import distributed as D
 from .config import (ConfigError, TrainConfig, describe_schedule, format_nimg, needs_upper, parse_sigmas_checked,
                      resolve_config)
-from .diffusion import LogNormal, sigma_key
+from .contract import RunInfo
+from .data import load_dataset
+from .diffusion import LogNormal
+from .ema import EMA, parse_profiles
+from .evaluation import TrainingFID
 from .fileio import write_json
+from .heldout import HeldOutSet, heldout_losses
+from .networks import get_preset
+from .networks.presets import ARCHITECTURES, network_kwargs
+from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
+from .recorder import RunRecorder, StatusReporter, plain, save_snapshot
+from .rundir import RunDir
+from .sampling import generate
+from .schedule import OptimalParams, make_schedule
+from .tracking import set_run_status
 
 WARMUP_CAP = 0.05  # the lr warm-up never exceeds 5% of the run (method.md section 6)
 
@@ -89,10 +105,6 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     """Run (or resume, or find finished) one training run. Returns a summary dict (rank 0: full)."""
     env = D.read_env(cfg.device)
     r = resolve_config(cfg, env.world_size)
-    from .data import load_dataset
-    from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
-    from .rundir import RunDir
-
     dataset = load_dataset(r.data, r.resolution, r.xflip, progress=env.is_main)
     if r.class_conditional and dataset.labels is None:
         raise ConfigError(f"class_conditional: {dataset.spec.source} has no labels; use --unconditional")
@@ -116,35 +128,91 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         torch.set_num_threads(threads)
     D.init(env)
     try:
-        return Trainer(r, env, dataset, grid, jstar, Path(jstar_path), run, prior, echo).run()
+        return Trainer(r, env, dataset, jstar, Path(jstar_path), run, prior, echo).run()
     finally:
         D.shutdown()
 
 
-def _check_resume(r: TrainConfig, prior: dict, dataset, run) -> None:
-    stored = prior.get("config", {})
-    conflicts = r.resume_conflicts(stored)
+def _check_resume(r: TrainConfig, prior: RunInfo, dataset, run: RunDir) -> None:
+    conflicts = r.resume_conflicts(prior.config)
     if conflicts:
         k = conflicts[0]
-        raise ConfigError(f"{run.info_path}: option '{k}' was {stored.get(k)!r} and is now {getattr(r, k)!r}; "
+        raise ConfigError(f"{run.info_path}: option '{k}' was {prior.config.get(k)!r} and is now {getattr(r, k)!r}; "
                           f"only --duration may change when resuming a run (changed: {', '.join(conflicts)}). "
                           f"Use another --run-name for a new run.")
-    fp = prior.get("data", {}).get("fingerprint")
+    fp = prior.data.get("fingerprint")
     if fp and fp != dataset.fingerprint:
         raise ConfigError(f"{run.info_path}: the run was trained on data with fingerprint {fp[:16]}..., "
                           f"{dataset.spec.source} now has {dataset.fingerprint[:16]}...")
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the modules' own states: progress, the random streams of every rank, the
+    MLflow run, its unsent metrics and the per-sigma history (tensors and primitive containers only, so a
+    checkpoint loads with torch.load(weights_only=True))."""
+
+    nimg: int = 0
+    step: int = 0
+    rng: list = field(default_factory=list)  # per rank: {"gen", "noise", "torch"[, "cuda"]}
+    mlflow_run_id: str | None = None
+    pending_metrics: list = field(default_factory=list)
+    history: dict | None = None  # contract.PerSigmaHistory.to_json()
+
+
 class Trainer:
-    def __init__(self, r: TrainConfig, env: D.DistEnv, dataset, grid, jstar, jstar_path: Path, run, prior, echo):
-        self.r, self.env, self.dataset, self.grid = r, env, dataset, grid
-        self.jstar, self.jstar_path, self.run_dir, self.prior, self.echo = jstar, jstar_path, run, prior, echo
-        self.device = env.device
+    """One rank's training run: network, schedule, EMAs, optimiser and data order, built in __init__; `run` resumes
+    from the newest checkpoint and loops (step, status, snapshot, FID, checkpoint) to the duration."""
+
+    def __init__(self, r: TrainConfig, env: D.DistEnv, dataset, jstar, jstar_path: Path, run_dir: RunDir,
+                 prior: RunInfo | None, echo):
+        self.r, self.env, self.dataset, self.jstar, self.jstar_path = r, env, dataset, jstar, jstar_path
+        self.run_dir, self.prior, self.echo, self.device = run_dir, prior, echo, env.device
+        self.grid = jstar.sigmas
+        self.state = TrainState()
         self.stop_signal: int | None = None
-        self.starved: set[str] = set()  # bands of the grid the last status warned about
-        self.logger = None
-        self.history: dict = {}
         self.timers = {"steps": 0.0, "heldout": 0.0, "snapshots": 0.0, "checkpoints": 0.0, "fid": 0.0}
+        self.preset = get_preset(r.preset)
+        try:
+            self.net_kwargs = network_kwargs(r.preset, dataset.resolution, dataset.channels,
+                                             dataset.num_classes if r.class_conditional else 0,
+                                             dropout=r.dropout, precond=r.precond)
+        except ValueError as e:
+            raise ConfigError(f"preset: {e}") from None
+        torch.manual_seed(r.seed)  # identical initial weights on every rank
+        net = ARCHITECTURES[self.preset.arch](**self.net_kwargs).to(self.device).train()
+        self.schedule = make_schedule(r.schedule, self.grid, LogNormal(r.P_mean, r.P_std), jstar, r.base_schedule,
+                                      net.sigma_data, r.opt_decay, OptimalParams.from_config(r))
+        if not self.schedule.uses_logvar:  # the log-variance head is trained only by EDM2's loss
+            for name, p in net.named_parameters():
+                if name.startswith("logvar_"):
+                    p.requires_grad_(False)
+        self.net = net
+        self.emas = [EMA(net, kind, value) for kind, value in parse_profiles(r.ema)]
+        self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=r.lr,
+                                    betas=tuple(self.preset.adam_betas), eps=1e-8)
+        self.ddp = net
+        if env.active:
+            self.ddp = DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.ddp) if r.compile else self.ddp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
+        self.heldout = HeldOutSet.build(dataset, self.grid, r.heldout_per_sigma, r.class_conditional)
+        self.stream = BatchStream(dataset.num_images, r.seed)
+        self.gen = torch.Generator().manual_seed(r.seed * 1000003 + env.rank + 1)  # sigma draws, per rank
+        self.noise_gen = torch.Generator(self.device).manual_seed(r.seed * 1000003 + env.rank + 7919)
+        torch.manual_seed(r.seed * 1000003 + env.rank)  # dropout
+        self.labels = dataset.labels if r.class_conditional else None
+        self.fid = TrainingFID(dataset, env, r.fid_images, r.fid_ref_images) if r.fid_every else None
+        self.per_rank = r.batch // env.world_size
+        self.micro = min(r.batch_gpu or self.per_rank, self.per_rank)
+        self.all_reduce = self._all_reduce if env.active else None
+        self.recorder: RunRecorder | None = None  # rank 0, once the run starts
+        self.reporter: StatusReporter | None = None
+
+    @property
+    def nimg(self) -> int:
+        return self.state.nimg
 
     @contextlib.contextmanager
     def _timed(self, key: str):
@@ -154,178 +222,22 @@ class Trainer:
         finally:
             self.timers[key] += time.perf_counter() - t0
 
-    # setup ----------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        from .ema import EMA, parse_profiles
-        from .networks import get_preset
-        from .networks.presets import ARCHITECTURES, network_kwargs
-        from .schedule import OptimalParams, make_schedule
-
-        r, env = self.r, self.env
-        self.preset = get_preset(r.preset)
-        try:
-            self.net_kwargs = network_kwargs(r.preset, self.dataset.resolution, self.dataset.channels,
-                                             self.dataset.num_classes if r.class_conditional else 0,
-                                             dropout=r.dropout, precond=r.precond)
-        except ValueError as e:
-            raise ConfigError(f"preset: {e}") from None
-        torch.manual_seed(r.seed)  # identical initial weights on every rank
-        net = ARCHITECTURES[self.preset.arch](**self.net_kwargs).to(self.device).train()
-        self.schedule = make_schedule(r.schedule, self.grid, LogNormal(r.P_mean, r.P_std), self.jstar, r.base_schedule,
-                                      net.sigma_data, r.opt_decay, OptimalParams.from_config(r))
-        if not self.schedule.uses_logvar:  # the log-variance head is trained only by the edm2 schedule
-            for name, p in net.named_parameters():
-                if name.startswith("logvar_"):
-                    p.requires_grad_(False)
-        self.net = net
-        self.emas = [EMA(net, kind, value) for kind, value in parse_profiles(r.ema)]
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=r.lr, betas=tuple(self.preset.adam_betas), eps=1e-8)
-        self.ddp = net
-        if env.active:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(self.ddp) if r.compile else self.ddp
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.precision == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.precision)
-        from .diagnose import HeldOutSet
-
-        self.heldout = HeldOutSet.build(self.dataset, self.grid, r.heldout_per_sigma, r.class_conditional)
-        self.stream = BatchStream(self.dataset.num_images, r.seed)
-        self.gen = torch.Generator().manual_seed(r.seed * 1000003 + env.rank + 1)  # sigma draws, per rank
-        self.noise_gen = torch.Generator(self.device).manual_seed(r.seed * 1000003 + env.rank + 7919)
-        torch.manual_seed(r.seed * 1000003 + env.rank)  # dropout
-        self.images = self.dataset.images  # uint8, indexed per batch
-        self.labels = self.dataset.labels if r.class_conditional else None
-        self.fid = None
-        if r.fid_every:
-            from .evaluation import TrainingFID
-
-            self.fid = TrainingFID(self.dataset, env, r.fid_images, r.fid_ref_images)
-        self.per_rank = r.batch // env.world_size
-        self.micro = min(r.batch_gpu or self.per_rank, self.per_rank)
-        self.nimg, self.step = 0, 0
-
     def _all_reduce(self, t: torch.Tensor) -> None:
         D.all_reduce_sum(self.env, t)
 
-    # resume ---------------------------------------------------------------------------------------
-    def _load_checkpoint(self) -> dict | None:
-        found = self.run_dir.load_latest_checkpoint() if self.prior is not None else None
-        found = D.broadcast_object(self.env, None if found is None else str(found[1]))
-        if found is None:
-            return None
-        state = torch.load(found, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(state["net"])
-        for ema, s in zip(self.emas, state["ema"]):
-            ema.load_state_dict(s)
-        self.opt.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.stream.load_state_dict(state["stream"])
-        rng = state["rng"][self.env.rank] if self.env.rank < len(state["rng"]) else None
-        if rng is not None and len(state["rng"]) == self.env.world_size:
-            self.gen.set_state(rng["gen"])
-            self.noise_gen.set_state(rng["noise"])
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        elif self.env.is_main:
-            self.echo("warning: the world size changed since the checkpoint; random streams are re-seeded")
-        self.nimg, self.step = int(state["nimg"]), int(state["step"])
-        if self.env.is_main:
-            self.echo(f"resuming {self.run_dir.path.name} from {found} ({format_nimg(self.nimg)} images)")
-        return state
-
-    # tracking -------------------------------------------------------------------------------------
-    def _start_tracking(self, state: dict | None) -> None:
-        from .compute import count_parameters, flops_per_image
-        from .config import flatten
-        from .tracking import RunLogger, default_tracking_uri, git_commit
-
-        r = self.r
-        info = self.prior or {}
-        uri = info.get("tracking_uri") or default_tracking_uri()
-        self.param_count = count_parameters(self.net)
-        self.flops_per_image = info.get("flops_per_image")
-        if self.flops_per_image is None:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                self.flops_per_image = flops_per_image(self.net, self.dataset.resolution, self.dataset.channels,
-                                                       self.net_kwargs["label_dim"], backward=True,
-                                                       device=self.device)
-        pending = self.run_dir.path / "pending-metrics.json"
-        run_id = info.get("mlflow_run_id")
-        if run_id:
-            self.logger = RunLogger.resume(uri, run_id, pending_path=pending)
-            if state is not None:
-                self.logger.restore_pending(state.get("pending_metrics", []))
-            self.logger.set_tags({"edm_opt.duration": r.duration})
-        else:
-            tags = {"edm_opt.dataset_fingerprint": self.dataset.fingerprint, "edm_opt.jstar_sha256": _sha256(self.jstar_path),
-                    "edm_opt.git_commit": git_commit(), "edm_opt.schedule": r.schedule, "edm_opt.preset": r.preset,
-                    "edm_opt.duration": r.duration, "edm_opt.run_dir": str(self.run_dir.path)}
-            if r.opt_variant:
-                tags["edm_opt.opt_variant"] = r.opt_variant
-            if r.parent_run_id:
-                tags["edm_opt.sweep"] = r.parent_run_id
-            if r.cell_hash:
-                tags["edm_opt.cell_hash"] = r.cell_hash
-            self.logger = RunLogger.create(uri, r.experiment, r.run_name, tags, r.parent_run_id, pending_path=pending)
-            params = {k: v for k, v in r.to_dict().items() if k not in TrainConfig.UNHASHED or k == "run_name"}
-            params.update(flatten({"network": self.net_kwargs, "schedule": self.schedule.describe(),
-                                   "data": {"fingerprint": self.dataset.fingerprint, "count": self.dataset.num_images,
-                                            "preprocessing": self.dataset.preprocessing},
-                                   "jstar": {"estimator": self.jstar.meta.get("estimator"),
-                                             "ref_total": self.jstar.ref_total()}}))
-            self.logger.log_params(flatten(params))
-            up = {} if self.jstar.upper is None else {
-                f"jstar_up/sigma_{sigma_key(s)}": float(v) for s, v in zip(self.grid, self.jstar.upper.values)}
-            self.logger.log_metrics({"model/param_count": self.param_count,
-                                     "compute/flops_per_image": self.flops_per_image,
-                                     **{f"jstar/sigma_{sigma_key(s)}": float(v) for s, v in zip(self.grid, self.jstar.values)},
-                                     **up}, step=0)
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            cfg_path = self.run_dir.path / "config.json"
-            write_json(cfg_path, r.to_dict())
-            self.logger.log_artifact(cfg_path)
-            self.logger.log_artifact(self.jstar.save(self.run_dir.path / "jstar.json"))
-        self.run_dir.write_info({
-            "config": r.to_dict(), "data": {**self.dataset.spec.to_dict(), "fingerprint": self.dataset.fingerprint},
-            "network": {"arch": self.preset.arch, "preset": r.preset, "kwargs": _plain(self.net_kwargs)},
-            "jstar": {"path": str(self.run_dir.path / "jstar.json"), "source": str(self.jstar_path),
-                      "sha256": _sha256(self.jstar_path)},
-            "tracking_uri": uri, "mlflow_run_id": self.logger.run_id, "experiment": r.experiment,
-            "param_count": self.param_count, "flops_per_image": self.flops_per_image, "edm_opt_version": __version__})
-        if state is not None:
-            self.history = state.get("history") or self._history_from_file()
-
-    def _history_from_file(self) -> dict:
-        """per_sigma.json cut at the checkpoint, for checkpoints that predate the history in their state;
-        it is written at snapshots only, so statuses after the last snapshot are lost there."""
-        hist = self.run_dir.path / "per_sigma.json"
-        if not hist.exists():
-            return {}
-        h = json.loads(hist.read_text())
-        keep = [i for i, n in enumerate(h.get("nimg", [])) if n <= self.nimg]
-        return {k: ([v[i] for i in keep] if isinstance(v, list) and len(v) == len(h["nimg"]) else v)
-                for k, v in h.items()}
-
-    # the loop -------------------------------------------------------------------------------------
+    # the run --------------------------------------------------------------------------------------
     def run(self) -> dict:
         r, env = self.r, self.env
-        self._build()
-        state = self._load_checkpoint()
-        if state is not None and self.nimg >= r.duration:
+        resumed = self._load_checkpoint()
+        if resumed and self.nimg >= r.duration:
             if env.is_main:
                 self._finish_already_done()
             return {"run_dir": str(self.run_dir.path), "nimg": self.nimg, "status": "already finished"}
-        self.nimg_at_start = self.nimg
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "FAILED"
         try:
             if env.is_main:
-                self._start_tracking(state)
-                self._announce()
+                self._start_recording(resumed)
             result = self._loop()
             status = "KILLED" if self.stop_signal else "FINISHED"
             return result
@@ -335,15 +247,21 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            if self.logger is not None:
-                self.logger.finish(status)
+            if self.recorder is not None:
+                self.recorder.finish(status)
 
-    def _announce(self) -> None:
-        r, env = self.r, self.env
-        self.echo(f"run {r.run_name}: {self.param_count:,} parameters, {self.flops_per_image / 1e6:.2f} MFLOP/img "
-                      f"(fwd+bwd), schedule {describe_schedule(r)}, {format_nimg(r.duration)} images, batch {r.batch}, "
-                      f"{env.world_size} rank(s) on {self.device}\n  run dir {self.run_dir.path}\n"
-                      f"  MLflow run {self.logger.run_id} at {self.logger.uri}")
+    def _start_recording(self, resumed: bool) -> None:
+        r = self.r
+        self.recorder = RunRecorder(r, self.dataset, self.jstar, self.jstar_path, self.run_dir, self.prior, self.net,
+                                    self.net_kwargs, self.preset.arch, self.schedule, self.device)
+        self.recorder.start(self.state.pending_metrics if resumed else None)
+        history = self.recorder.history(self.state.history, self.nimg) if resumed else None
+        self.reporter = StatusReporter(r, self.jstar, self.jstar_path, self.run_dir, self.recorder, history, self.echo)
+        self.echo(f"run {r.run_name}: {self.recorder.param_count:,} parameters, "
+                  f"{self.recorder.flops_per_image / 1e6:.2f} MFLOP/img (fwd+bwd), schedule {describe_schedule(r)}, "
+                  f"{format_nimg(r.duration)} images, batch {r.batch}, {self.env.world_size} rank(s) on "
+                  f"{self.device}\n  run dir {self.run_dir.path}\n  MLflow run {self.recorder.run_id} at "
+                  f"{self.recorder.uri}")
 
     def _on_signal(self, signum, frame):
         if self.stop_signal is not None:  # second signal: stop now
@@ -354,22 +272,23 @@ class Trainer:
                   f"(again to abort)", file=sys.stderr, flush=True)
 
     def _loop(self) -> dict:
-        r, env = self.r, self.env
-        t_interval, img_interval, train_time = time.perf_counter(), 0, 0.0
+        r, env, st = self.r, self.env, self.state
+        img_interval, train_time = 0, 0.0
         loss_acc = torch.zeros(2, dtype=torch.float64)  # sum of per-sample losses, count (this rank)
-        t_start = time.perf_counter()
-        while self.nimg < r.duration:
+        t_start, nimg_at_start = time.perf_counter(), st.nimg
+        while st.nimg < r.duration:
+            # step
             t0 = time.perf_counter()
-            lr = lr_at(r, self.nimg + r.batch)
+            lr = lr_at(r, st.nimg + r.batch)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             loss_sum, sig, err = self._train_step()
-            self.step += 1
-            self.nimg += r.batch
+            st.step += 1
+            st.nimg += r.batch
             for ema in self.emas:
-                ema.update(self.net, self.step, self.nimg, r.batch)
-            self.schedule.tracker.observe(sig, err)
-            self.schedule.after_step(self.step, self._all_reduce if env.active else None)
+                ema.update(self.net, st.step, st.nimg, r.batch)
+            self.schedule.observe(sig, err)
+            self.schedule.after_step(st.step, self.all_reduce)
             loss_acc += torch.tensor([loss_sum, float(len(sig))], dtype=torch.float64)
             flags = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if self.stop_signal else 0.0])
             self._all_reduce(flags)
@@ -378,16 +297,17 @@ class Trainer:
             train_time += time.perf_counter() - t0
             self.timers["steps"] += time.perf_counter() - t0
             img_interval += r.batch
-            done = self.nimg >= r.duration
-            stopping = flags[1] > 0
-            # On a stop, only the checkpoint: an extra held-out evaluation could outlast torchrun's 30 s grace
-            # between SIGTERM and SIGKILL on busy cores, leaving the run RUNNING without its KILLED status.
+            done, stopping = st.nimg >= r.duration, flags[1] > 0
+            # status. On a stop, only the checkpoint: an extra held-out evaluation could outlast torchrun's 30 s
+            # grace between SIGTERM and SIGKILL on busy cores, leaving the run RUNNING without its KILLED status.
             if self._crossed(r.status_every) or done:
                 self._all_reduce(loss_acc)
+                elapsed = time.perf_counter() - t_start
                 self._status(lr, loss_acc[0].item() / max(loss_acc[1].item(), 1), img_interval / max(train_time, 1e-9),
-                             time.perf_counter() - t_start)
+                             elapsed, elapsed / max(st.nimg - nimg_at_start, 1) * (r.duration - st.nimg))
                 loss_acc.zero_()
                 img_interval, train_time = 0, 0.0
+            # snapshot, FID, checkpoint
             if self._crossed(r.snapshot_every) or done:
                 with self._timed("snapshots"):
                     self._snapshot()
@@ -400,13 +320,13 @@ class Trainer:
             if stopping:
                 self.stop_signal = self.stop_signal or signal.SIGTERM
                 if env.is_main:
-                    self.echo(f"stopped at {format_nimg(self.nimg)} images; re-run the same command to resume")
+                    self.echo(f"stopped at {format_nimg(st.nimg)} images; re-run the same command to resume")
                 break
         total = sum(self.timers.values())
         if env.is_main and total > 0:
             self.echo("time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.timers.items()))
-        return {"run_dir": str(self.run_dir.path), "nimg": self.nimg,
-                "mlflow_run_id": self.logger.run_id if self.logger else None,
+        return {"run_dir": str(self.run_dir.path), "nimg": st.nimg,
+                "mlflow_run_id": self.recorder.run_id if self.recorder else None,
                 "status": "stopped" if self.stop_signal else "finished", "timers": dict(self.timers)}
 
     def _crossed(self, every: int) -> bool:
@@ -419,7 +339,7 @@ class Trainer:
         sigmas, errs, total = [], [], 0.0
         chunks = list(idx.split(self.micro))
         for i, j in enumerate(chunks):
-            x0 = self.images[j].to(self.device).float() / 127.5 - 1
+            x0 = self.dataset.images[j].to(self.device).float() / 127.5 - 1
             labels = None
             if self.labels is not None:
                 labels = torch.nn.functional.one_hot(self.labels[j], self.dataset.num_classes).float().to(self.device)
@@ -446,39 +366,16 @@ class Trainer:
         return total, torch.cat(sigmas), torch.cat(errs)
 
     # measurement ----------------------------------------------------------------------------------
-    def _status(self, lr: float, train_loss: float, img_per_s: float, elapsed: float) -> None:
-        from .diagnose import heldout_losses, negative_gaps, per_sigma_metrics
-
-        r, env = self.r, self.env
-        self.schedule.tracker.flush(self._all_reduce if env.active else None)
-        kw = dict(rank=env.rank, world_size=env.world_size, all_reduce=self._all_reduce if env.active else None)
+    def _status(self, lr: float, train_loss: float, img_per_s: float, elapsed: float, eta: float) -> None:
+        env = self.env
+        self.schedule.flush(self.all_reduce)
+        kw = dict(rank=env.rank, world_size=env.world_size, all_reduce=self.all_reduce)
         with self._timed("heldout"):
             ema_loss, ema_se = heldout_losses(self.emas[0].net, self.heldout, self.device, **kw)
             raw_loss, _ = heldout_losses(self.net, self.heldout, self.device, **kw)
-        if not env.is_main:
-            return
-        jstar = self.jstar.values
-        m = per_sigma_metrics(self.grid, ema_loss, ema_se, jstar, raw_loss)
-        m.update(self.schedule.tracker.metrics())
-        logvar_grid = self._logvar_grid()
-        m.update(self.schedule.metrics(logvar_grid))
-        self._warn_starved()
-        m.update({"loss/train": train_loss, "train/lr": lr, "perf/img_per_s": img_per_s,
-                  "compute/flops_total": float(self.flops_per_image) * self.nimg, **_system_metrics(self.device)})
-        self.logger.log_metrics(m, step=self.nimg)
-        self._append_history(ema_loss, ema_se, raw_loss, m)
-        bad = negative_gaps(self.grid, ema_loss, ema_se, jstar)
-        if bad:
-            msg = (f"WARNING: held-out loss below J* by more than 3 standard errors ({'; '.join(bad[:3])}). "
-                   f"This means a bug or a J* table of other data ({self.jstar_path}).")
-            print(msg, file=sys.stderr, flush=True)
-            self.logger.set_tags({"edm_opt.warning": msg[:500]})
-        eta = elapsed / max(self.nimg - self.nimg_at_start, 1) * (r.duration - self.nimg)
-        line = (f"{format_nimg(self.nimg):>8} img  loss {train_loss:.4f}  ref gap {m['gap/ref_total']:.4f} "
-                f"(J* {m['jstar/ref_total']:.4f})  lr {lr:.2e}  {img_per_s:7.1f} img/s  "
-                f"elapsed {elapsed / 60:.1f} min  eta {eta / 60:.1f} min")
-        self.echo(line)
-        self.run_dir.log(line)
+        if env.is_main:
+            self.reporter.report(self.nimg, ema_loss, ema_se, raw_loss, self.schedule, self._logvar_grid(), train_loss,
+                                 lr, img_per_s, eta, elapsed, self.device)
 
     def _logvar_grid(self) -> np.ndarray | None:
         """EDM2's learned log-variance u at the grid points, when the schedule trains it (for its loss shares)."""
@@ -488,133 +385,87 @@ class Trainer:
             u = self.net.logvar(torch.tensor(self.grid, dtype=torch.float32, device=self.device))
             return u.flatten().double().cpu().numpy()
 
-    def _warn_starved(self) -> None:
-        """One line when a band of the grid newly gets less than half of its base schedule's share (method.md 4.4)."""
-        from .schedule import starved_bands
-
-        if self.r.schedule != "optimal" or not getattr(self.schedule, "warm", False):
-            return
-        bad = starved_bands(self.grid, self.schedule.shares(self._logvar_grid()), self.schedule.base_shares())
-        new = [b for b in bad if b.split(":")[0] not in self.starved]
-        self.starved = {b.split(":")[0] for b in bad}
-        if new:
-            line = (f"warning: {format_nimg(self.nimg)} img: the {self.r.opt_variant} schedule gives less than half "
-                    f"of {self.r.base_schedule}'s share of the training signal to {'; '.join(new)}")
-            print(line, file=sys.stderr, flush=True)
-            self.run_dir.log(line)
-
-    def _append_history(self, ema_loss, ema_se, raw_loss, m) -> None:
-        h = self.history
-        if not h:
-            h.update({"sigmas": self.grid.tolist(), "jstar": self.jstar.values.tolist(),
-                      "jstar_stderr": self.jstar.stderr.tolist(), "param_count": self.param_count,
-                      "flops_per_image": self.flops_per_image, "schedule": self.r.schedule, "preset": self.r.preset,
-                      "nimg": [], "loss_x0": [], "stderr": [], "loss_x0_raw": [], "loss_x0_batch": [],
-                      "p_sigma": [], "ref_total": [], "flops_total": []})
-        h["nimg"].append(self.nimg)
-        h["loss_x0"].append([float(v) for v in ema_loss])
-        h["stderr"].append([float(v) for v in ema_se])
-        h["loss_x0_raw"].append([float(v) for v in raw_loss])
-        h["loss_x0_batch"].append([None if math.isnan(v) else float(v) for v in self.schedule.tracker.ema.tolist()])
-        p = getattr(self.schedule, "p", None)
-        h["p_sigma"].append(None if p is None else [float(v) for v in p])
-        h.setdefault("share", [None] * (len(h["nimg"]) - 1)).append(  # histories from before shares: None
-            [m[f"sched/share_sigma_{sigma_key(s)}"] for s in self.grid])
-        h["ref_total"].append(m["loss/ref_total"])
-        h["flops_total"].append(m["compute/flops_total"])
-
     def _snapshot(self) -> None:
         if not self.env.is_main:
             return
-        from .plots import plot_gap
-
-        nimg = self.nimg
-        path = self.run_dir.save_snapshot({
-            "net": self.emas[0].net.state_dict(), "ema": self.emas[0].name, "nimg": nimg,
-            "network": {"arch": self.preset.arch, "preset": self.r.preset, "kwargs": _plain(self.net_kwargs)},
-            "data": {**self.dataset.spec.to_dict(), "fingerprint": self.dataset.fingerprint},
-            "class_conditional": self.r.class_conditional, "edm_opt_version": __version__}, nimg)
-        hist = write_json(self.run_dir.path / "per_sigma.json", self.history, indent=None)
-        self.logger.log_artifact(hist)
-        if self.history:
-            self.logger.log_artifact(plot_gap(self.history, self.run_dir.path / "gap.png",
-                                              title=f"{self.r.run_name} at {format_nimg(nimg)} images"))
-        grid_png = self._sample_grid(self.run_dir.path / f"samples-{nimg:09d}.png")
-        self.logger.log_artifact(grid_png, "samples")
-        self.run_dir.log(f"snapshot {path.name}")
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # a preview: 18 Heun steps (35 evaluations); FID evaluation uses the full 32
+            images, _ = generate(self.emas[0].net, range(64), batch_size=64, num_steps=18, device=self.device)
+        network = {"arch": self.preset.arch, "preset": self.r.preset, "kwargs": plain(self.net_kwargs)}
+        save_snapshot(self.run_dir, self.recorder, self.reporter.history, self.emas[0], self.nimg, network,
+                      self.r.class_conditional, images, f"{self.r.run_name} at {format_nimg(self.nimg)} images")
 
     def _evaluate_fid(self) -> None:
         m = self.fid(self.emas[0].net)
         if m is not None:
-            self.logger.log_metrics(m, step=self.nimg)
-            self.logger.set_tags({"edm_opt.fid_weights_sha256": self.fid.sha})
-            line = f"{format_nimg(self.nimg):>8} img  FID {m['fid']:.3f}  KID {m['kid']:.5f} ({m['fid/num_images']} images)"
+            self.recorder.log_metrics(m, step=self.nimg)
+            self.recorder.logger.set_tags({C.TAG_FID_SHA: self.fid.sha})
+            line = (f"{format_nimg(self.nimg):>8} img  FID {m[C.FID]:.3f}  KID {m[C.KID]:.5f} "
+                    f"({m[C.FID_NUM_IMAGES]} images)")
             self.echo(line)
             self.run_dir.log(line)
 
-    def _sample_grid(self, path: Path) -> Path:
-        from .sampling import generate
-        from .plots import save_image_grid
-
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            # a preview: 18 Heun steps (35 evaluations); FID evaluation uses the full 32
-            images, _ = generate(self.emas[0].net, range(64), batch_size=64, num_steps=18, device=self.device)
-        return save_image_grid(images, path)
-
+    # checkpoints ----------------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        env = self.env
-        self.schedule.tracker.flush(self._all_reduce if env.active else None)
+        env, st = self.env, self.state
+        self.schedule.flush(self.all_reduce)
         rng = {"gen": self.gen.get_state(), "noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        rngs = D.gather_objects(env, rng)
+        st.rng = D.gather_objects(env, rng)
         if env.is_main:
-            self.logger.flush(timeout=10)  # metrics before the checkpoint go to the store first
-            state = {"net": self.net.state_dict(), "ema": [e.state_dict() for e in self.emas],
-                     "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
-                     "stream": self.stream.state_dict(), "rng": rngs, "nimg": self.nimg, "step": self.step,
-                     "mlflow_run_id": self.logger.run_id, "pending_metrics": self.logger.pending(),
-                     "history": self.history, "config_hash": self.r.config_hash()}
-            self.run_dir.save_checkpoint(state, self.nimg)
+            self.recorder.logger.flush(timeout=10)  # metrics before the checkpoint go to the store first
+            st.mlflow_run_id, st.pending_metrics = self.recorder.run_id, self.recorder.logger.pending()
+            st.history = self.reporter.history.to_json()
+            self.run_dir.save_checkpoint({
+                "net": self.net.state_dict(), "ema": [e.state_dict() for e in self.emas],
+                "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+                "stream": self.stream.state_dict(), **dataclasses.asdict(st), "config_hash": self.r.config_hash()},
+                st.nimg)
         D.barrier(env)
+
+    def _load_checkpoint(self) -> bool:
+        """Restore the newest readable checkpoint (rank 0 chooses it for every rank); False when there is none."""
+        found = self.run_dir.load_latest_checkpoint() if self.prior is not None else None
+        found = D.broadcast_object(self.env, None if found is None else str(found[1]))
+        if found is None:
+            return False
+        saved = torch.load(found, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(saved["net"])
+        for ema, s in zip(self.emas, saved["ema"]):
+            ema.load_state_dict(s)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.stream.load_state_dict(saved["stream"])
+        self.state = TrainState(int(saved["nimg"]), int(saved["step"]), saved["rng"], saved.get("mlflow_run_id"),
+                                saved.get("pending_metrics", []), saved.get("history"))
+        rngs = self.state.rng
+        if len(rngs) == self.env.world_size:
+            rng = rngs[self.env.rank]
+            self.gen.set_state(rng["gen"])
+            self.noise_gen.set_state(rng["noise"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        elif self.env.is_main:
+            self.echo("warning: the world size changed since the checkpoint; random streams are re-seeded")
+        if self.env.is_main:
+            self.echo(f"resuming {self.run_dir.path.name} from {found} ({format_nimg(self.nimg)} images)")
+        return True
 
     def _nonfinite(self, sig, err, lr) -> None:
         path = None
         if self.env.is_main:
             path = write_json(self.run_dir.path / f"nonfinite-{self.nimg:09d}.json", {
-                "nimg": self.nimg, "step": self.step, "lr": lr, "sigma": sig.tolist(),
+                "nimg": self.nimg, "step": self.state.step, "lr": lr, "sigma": sig.tolist(),
                 "loss_x0_per_sample": [None if not math.isfinite(v) else v for v in err.tolist()]})
         ckpt = self.run_dir.checkpoints()
-        raise TrainingError(f"non-finite loss at {self.nimg} images (step {self.step}, lr {lr:.3g}); the batch's sigmas "
-                            f"and per-sample losses are in {path}; the last good checkpoint is "
+        raise TrainingError(f"non-finite loss at {self.nimg} images (step {self.state.step}, lr {lr:.3g}); the batch's "
+                            f"sigmas and per-sample losses are in {path}; the last good checkpoint is "
                             f"{ckpt[-1][1] if ckpt else 'none'}. Lower --lr or check the data.")
 
     def _finish_already_done(self) -> None:
-        from .tracking import set_run_status
-
-        info = self.prior or {}
-        if info.get("mlflow_run_id"):
-            set_run_status(info.get("tracking_uri"), info["mlflow_run_id"], "FINISHED")
+        if self.prior.mlflow_run_id:
+            set_run_status(self.prior.tracking_uri, self.prior.mlflow_run_id, "FINISHED")
         self.echo(f"{self.run_dir.path.name}: already trained for {format_nimg(self.nimg)} images "
                   f"(duration {format_nimg(self.r.duration)}); nothing to do. Raise --duration to continue.")
-
-
-def _plain(d: dict) -> dict:
-    """Tuples to lists: checkpoint- and JSON-safe constructor keywords."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _system_metrics(device) -> dict:
-    import psutil
-
-    proc = psutil.Process()
-    m = {"system/cpu_rss_gb": proc.memory_info().rss / 2 ** 30, "system/cpu_percent": psutil.cpu_percent()}
-    if device.type == "cuda":
-        m["system/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return m

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edm_opt.diagnose import GapFidCorrelation, GapFidPoint, gap_fid_correlation, match_gap_fid
+from edm_opt.gap_fid import GapFidCorrelation, GapFidPoint, gap_fid_correlation, match_gap_fid
 from edm_opt.diffusion import sigma_key
 from edm_opt.scaling import (
     FRONTIER_POINTS,

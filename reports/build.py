@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from edm_opt import __version__
-from edm_opt.diagnose import GapFidCorrelation
+from edm_opt.gap_fid import GapFidCorrelation
 from edm_opt.fileio import atomic_path
 from edm_opt.tracking import default_tracking_uri, log_now
 

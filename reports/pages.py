@@ -15,7 +15,7 @@ import numpy as np
 from edm_opt.diffusion import bin_edges, sigma_key
 from edm_opt.optimal_loss import OptimalLossTable
 from edm_opt.plots import figure
-from edm_opt.schedule import BANDS
+from edm_opt.contract import BANDS
 
 from .analysis import Analysis, SeriesFit
 from .data import ExperimentData, RunData

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from edm_opt import __version__
-from edm_opt.diagnose import per_sigma_metrics
+from edm_opt.heldout import per_sigma_metrics
 from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, edm_weight, reference_total, sigma_grid, sigma_key
 from edm_opt.fileio import write_json
-from edm_opt.schedule import normalised_share
+from edm_opt.contract import normalised_share
 from edm_opt.tracking import RunLogger, set_run_status
 
 DATA_VARIANCE = 0.29  # per dimension, about that of `digits`

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edm_opt.data import load_dataset
-from edm_opt.diagnose import LoadedModel, diagnose, memorisation, nearest_neighbour_distances
+from edm_opt.diagnose import diagnose, memorisation, nearest_neighbour_distances
+from edm_opt.loading import LoadedModel
 from edm_opt.diffusion import NativeDenoiser, precond_coefficients
 from edm_opt.optimal_loss import estimate_optimal_loss
 

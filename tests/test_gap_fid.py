@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from edm_opt.diagnose import GapFidPoint, gap_fid_correlation, match_gap_fid
+from edm_opt.gap_fid import GapFidPoint, gap_fid_correlation, match_gap_fid
 
 KEYS = ["0.01", "0.1", "1", "10", "80"]
 

@@ -21,7 +21,7 @@ import pytest
 from pypdf import PdfReader
 
 from edm_opt import EdmOptError
-from edm_opt.diagnose import gap_fid_points
+from edm_opt.gap_fid import gap_fid_points
 from edm_opt.diffusion import sigma_grid
 from edm_opt.fileio import write_json
 from edm_opt.tracking import create_run, get_run, load_json_artifact, log_now
