@@ -1,4 +1,8 @@
-"""The `edm-opt` command line. Runner scripts in `runners/` call these same commands."""
+"""The `edm-opt` command line. Runner scripts in `runners/` call these same commands.
+
+Each command imports the modules it runs inside its function, so that `edm-opt --help` and the light commands
+(data info, networks, sweep status) do not load the training stack, MLflow or the FID metrics.
+"""
 
 from __future__ import annotations
 
@@ -222,8 +226,8 @@ def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, b
     """
     from .evaluation import evaluate_run
 
-    evaluate_run(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, device, inception,
-                 echo=click.echo)
+    evaluate_run(run_dir, snapshot=snapshot, num_images=num_images, seeds=seeds, steps=steps, repeats=repeats,
+                 ref_images=ref_images, batch=batch, device=device, inception=inception, echo=click.echo)
 
 
 @main.command()
@@ -359,9 +363,10 @@ def diagnose(model, source, jstar, target, precond, sigmas, per_sigma, out, pres
             kwargs = json.loads(network_kwargs)
         except ValueError as e:
             raise click.BadParameter(f"not JSON: {e}", param_hint="--network-kwargs") from None
-    run_diagnosis(model, source, Path(out), jstar, sigmas, per_sigma, target, precond, preset, kwargs, snapshot,
-                  resolution, class_conditional, test_data, samples, steps, threshold, run_id,
-                  resolve_device(device), echo=click.echo)
+    run_diagnosis(model, source, Path(out), jstar=jstar, sigmas=sigmas, per_sigma=per_sigma, target=target,
+                  precond=precond, preset=preset, network_kwargs=kwargs, snapshot=snapshot, resolution=resolution,
+                  class_conditional=class_conditional, test_data=test_data, samples=samples, steps=steps,
+                  threshold=threshold, run_id=run_id, device=resolve_device(device), echo=click.echo)
 
 
 # --------------------------------------------------------------------------------------------------

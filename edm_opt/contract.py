@@ -33,7 +33,8 @@ FLOPS_TOTAL = "compute/flops_total"
 IMG_PER_S = "perf/img_per_s"
 LR = "train/lr"
 FID, KID = "fid", "kid"
-FID_NUM_IMAGES, FID_REF_IMAGES, FID_STEPS = "fid/num_images", "fid/ref_images", "fid/steps"
+FID_NUM_IMAGES, FID_REF_IMAGES, FID_STEPS, FID_MEAN = "fid/num_images", "fid/ref_images", "fid/steps", "fid/mean"
+SWEEP_CELLS_FINISHED, SWEEP_CELLS_FAILED = "sweep/cells_finished", "sweep/cells_failed"
 
 # per-sigma families (prefixes of `sigma_<key>`)
 LOSS_X0 = "loss_x0/"  # held-out, EMA weights
@@ -107,6 +108,7 @@ TAG_MODEL = "edm_opt.model"  # diagnose runs
 TAG_SWEEP_NAME, TAG_SWEEP_HASH = "edm_opt.sweep_name", "edm_opt.sweep_hash"
 TAG_SWEEP_FILE, TAG_SWEEP_CELLS, TAG_SWEEP_LAUNCH = "edm_opt.sweep_file", "edm_opt.sweep_cells", "edm_opt.sweep_launch"
 TAG_DUPLICATE_OF = "edm_opt.duplicate_of"
+TAG_VERSION = "edm_opt.version"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
 

@@ -22,8 +22,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import yaml
 
 from . import EdmOptError
+from . import contract as C
+from .config import load_yaml
+from .data import load_dataset
+from .diffusion import sigma_grid, sigma_key
+from .evaluation import evaluate_run
+from .fileio import atomic_path, write_json
+from .launch import run_sweep
+from .optimal_loss import estimate_for_dataset
+from .plots import plot_jstar
+from .rundir import RunDir
+from .sweep import load_sweep
+from .tracking import find_runs, metric_history
 
 DEMO_SUBSET = 256  # cDOL subset size of the demo: small enough that cDOL visibly differs from the full estimator
 DEMO_QUERIES = 2048  # J* queries per sigma on large data (digits uses the default 2N = 3594); full: N x M
@@ -69,9 +82,6 @@ def run_demo(source: str, out: Path, resolution: int | None = None, sweep_file: 
     `sweep_file` is the sweep to train (its data, resolution, outdir and name are replaced); `duration`
     (images, e.g. 48Ki) overrides its training length.
     """
-    from .config import load_yaml
-    from .data import load_dataset
-
     t_start = time.perf_counter()
     doc = load_yaml(sweep_file, "sweep file")  # bad input fails before anything is loaded or written
     if resolution is None and source != "digits":
@@ -108,10 +118,6 @@ def run_demo(source: str, out: Path, resolution: int | None = None, sweep_file: 
 
 
 def jstar_stage(stage: Stage, dataset, out: Path) -> None:
-    from .diffusion import sigma_grid, sigma_key
-    from .optimal_loss import estimate_for_dataset
-    from .plots import plot_jstar
-
     grid = sigma_grid()
     m = None if dataset.num_images <= 4096 else DEMO_QUERIES
     full, _ = estimate_for_dataset(dataset, grid, "full", num_samples=m, progress=True)
@@ -133,11 +139,6 @@ def jstar_stage(stage: Stage, dataset, out: Path) -> None:
 def demo_sweep(doc: dict, sweep_file: Path, dataset, out: Path, tag: str, duration: str | None):
     """The sweep `doc` (read from `sweep_file`) on the demo's data, written to `<out>/<name>.yaml` and checked
     before anything runs; an invalid one is not left behind."""
-    import yaml
-
-    from .fileio import atomic_path
-    from .sweep import load_sweep
-
     base = doc.get("base") or {}
     if not isinstance(base, dict):
         raise EdmOptError(f"{sweep_file}: base must be a mapping of training options")
@@ -159,8 +160,6 @@ def demo_sweep(doc: dict, sweep_file: Path, dataset, out: Path, tag: str, durati
 
 
 def sweep_stage(stage: Stage, sweep):
-    from .launch import run_sweep
-
     result = run_sweep(sweep, echo=stage.echo)
     if result.stopped:
         raise EdmOptError("the sweep was stopped (the running cell saved a checkpoint); run the same command again "
@@ -171,20 +170,16 @@ def sweep_stage(stage: Stage, sweep):
 
 
 def fid_stage(stage: Stage, sweep, fid_images: int, fid_ref_images: int) -> None:
-    from .evaluation import evaluate_run
-    from .rundir import RunDir
-    from .tracking import metric_history
-
     for cell in sweep.cells:
         run = RunDir(cell.run_dir)
         info = run.read_info()
         nimg, _ = run.snapshot_path("latest")
-        done = [v for step, v in metric_history(info.tracking_uri, info.mlflow_run_id, "fid") if step == nimg]
+        done = [v for step, v in metric_history(info.tracking_uri, info.mlflow_run_id, C.FID) if step == nimg]
         if done:
             stage.echo(f"{cell.run_name}: FID {done[-1]:.2f} already logged at {nimg:,} images")
             continue
-        r = evaluate_run(run.path, "latest", fid_images, ref_images=fid_ref_images, steps=32, batch=64, device="cpu",
-                         echo=lambda line: stage.echo(line, err=True))
+        r = evaluate_run(run.path, snapshot="latest", num_images=fid_images, ref_images=fid_ref_images, steps=32,
+                         batch=64, device="cpu", echo=lambda line: stage.echo(line, err=True))
         stage.echo(f"{cell.run_name}: FID {r['fid']:.2f}  KID {r['kid']:.4f}")
 
 
@@ -192,7 +187,6 @@ def report_stage(stage: Stage, sweep, result, out: Path, uri: str) -> Path:
     """Rebuild the report only when the runs changed since it was last built."""
     from reports.build import build_report
 
-    from .tracking import find_runs
 
     pdf, state = out / "report.pdf", out / "report.state.json"
     runs = find_runs(uri, sweep.experiment, result.parent_run_id)
@@ -205,23 +199,20 @@ def report_stage(stage: Stage, sweep, result, out: Path, uri: str) -> Path:
     for line in s.summary:
         stage.echo(line)
     stage.echo(f"wrote {s.out}: {len(s.pages)} pages")
-    from .fileio import write_json
 
     write_json(state, {"key": key})
     return pdf
 
 
 def summary_stage(stage: Stage, sweep, uri: str, fid_images: int, fid_ref_images: int) -> list[dict]:
-    from .tracking import find_runs
-
     by_name = {r.run_name: r for r in find_runs(uri, sweep.experiment)}
     rows = []
     stage.echo(f"{'run':<32} {'params':>10} {'schedule':>9} {'ref gap':>9} {'KID':>8} {'FID':>8}")
     for cell in sweep.cells:
         r = by_name.get(cell.run_name)
         m = r.metrics if r else {}
-        row = {"run": cell.run_name, "params": int(m.get("model/param_count", 0)), "schedule": cell.resolved.schedule,
-               "ref_gap": m.get("gap/ref_total"), "kid": m.get("kid"), "fid": m.get("fid")}
+        row = {"run": cell.run_name, "params": int(m.get(C.PARAM_COUNT, 0)), "schedule": cell.resolved.schedule,
+               "ref_gap": m.get(C.GAP_REF), "kid": m.get(C.KID), "fid": m.get(C.FID)}
         rows.append(row)
         fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
         stage.echo(f"{row['run']:<32} {row['params']:>10,} {row['schedule']:>9} {fmt(row['ref_gap'], '9.4f')} "

@@ -19,6 +19,8 @@ from .fileio import write_json
 from .heldout import HeldOutSet, heldout_losses, largest_gap, negative_gaps
 from .loading import LoadedModel, load_model
 from .optimal_loss import OptimalLossTable, resolve_jstar
+from .plots import plot_diagnosis
+from .sampling import generate
 from .tracking import create_run, default_tracking_uri, log_now, set_run_status
 
 
@@ -54,7 +56,7 @@ def memorisation(samples_uint8: torch.Tensor, dataset, threshold: float = 1 / 3)
             "ratio": ratio.tolist(), "nn_distance": d[:, 0].tolist()}
 
 
-def diagnose(loaded: LoadedModel, dataset, jstar, per_sigma: int = 64, class_conditional: bool = False,
+def diagnose(loaded: LoadedModel, dataset, jstar, *, per_sigma: int = 64, class_conditional: bool = False,
              device="cpu", test_dataset=None, samples: int = 0, steps: int = 32, threshold: float = 1 / 3,
              progress: bool = False) -> dict:
     """Held-out per-sigma x0 loss of a model against J* (DESIGN.md held-out set), plus memorisation checks.
@@ -81,8 +83,6 @@ def diagnose(loaded: LoadedModel, dataset, jstar, per_sigma: int = 64, class_con
         out.update({"test_loss_x0": t_loss.tolist(), "test_stderr": t_se.tolist(),
                     "test_data": test_dataset.spec.source})
     if samples:
-        from .sampling import generate  # noqa: the sampler only for --samples
-
         images, _ = generate(net, range(samples), batch_size=64, num_steps=steps, device=device, progress=progress)
         out["memorisation"] = memorisation(images, dataset, threshold)
     return out
@@ -92,14 +92,13 @@ def diagnose(loaded: LoadedModel, dataset, jstar, per_sigma: int = 64, class_con
 # The command: inputs resolved, outputs written and logged.
 
 
-def run_diagnosis(model: str, data: str | None, out: Path, jstar: str = "auto", sigmas: str | None = None,
+def run_diagnosis(model: str, data: str | None, out: Path, *, jstar: str = "auto", sigmas: str | None = None,
                   per_sigma: int | None = None, target: str = "x0", precond: str = "edm", preset: str | None = None,
                   network_kwargs: dict | None = None, snapshot: str = "latest", resolution: int | None = None,
                   class_conditional: bool | None = None, test_data: str | None = None, samples: int = 0,
                   steps: int = 32, threshold: float = 1 / 3, run_id: str | None = None, device: str = "cpu",
                   echo=print) -> dict:
     """`edm-opt diagnose MODEL`: measure, print a table, write DIR/diagnose.json and DIR/diagnose.png, log."""
-    from .plots import plot_diagnosis  # matplotlib: slow to import
 
     loaded = load_model(model, preset, network_kwargs, target, precond, snapshot)
     if data is None:
@@ -134,8 +133,8 @@ def run_diagnosis(model: str, data: str | None, out: Path, jstar: str = "auto", 
         except EdmOptError:
             test = None
     per_sigma = per_sigma or loaded.heldout_per_sigma or 64
-    result = diagnose(loaded, dataset, table, per_sigma, class_conditional, device, test, samples, steps, threshold,
-                      progress=True)
+    result = diagnose(loaded, dataset, table, per_sigma=per_sigma, class_conditional=class_conditional, device=device,
+                      test_dataset=test, samples=samples, steps=steps, threshold=threshold, progress=True)
     echo(format_diagnosis(result))
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(out / "diagnose.json", result)

@@ -31,7 +31,7 @@ def power_gamma(sigma_rel: float) -> float:
 
 def parse_profiles(spec: str) -> list[tuple[str, float]]:
     """'power:0.10,halflife:0.5Mi' -> [('power', 0.1), ('halflife', 524288.0)]."""
-    from .config import ConfigError, parse_nimg
+    from .config import ConfigError, parse_nimg  # config imports this module: a top-level import would cycle
 
     out = []
     for item in [s.strip() for s in str(spec).split(",") if s.strip()]:

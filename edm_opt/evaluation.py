@@ -17,8 +17,15 @@ import numpy as np
 import torch
 
 from . import EdmOptError
+from . import contract as C
 from . import distributed as D
+from .data import DataSpec
 from .loading import load_snapshot_network
+from .metrics import extract_features, load_inception, reference_statistics
+from .plots import save_image_grid
+from .rundir import RunDir
+from .sampling import generate
+from .tracking import log_now, metric_history
 
 
 class EvaluationError(EdmOptError, ValueError):
@@ -44,9 +51,8 @@ def select_snapshot(run, which: str, uri: str | None = None, run_id: str | None 
     """`latest`, an image count, or `best` (the lowest FID logged for the run)."""
     if which != "best":
         return run.snapshot_path(which)
-    from .tracking import metric_history
 
-    history = metric_history(uri, run_id, "fid") if uri and run_id else []
+    history = metric_history(uri, run_id, C.FID) if uri and run_id else []
     if not history:
         raise EvaluationError(f"{run.path}: --snapshot best needs FIDs logged for this run; evaluate some "
                               f"snapshots first (--snapshot latest or NIMG)")
@@ -57,9 +63,6 @@ def select_snapshot(run, which: str, uri: str | None = None, run_id: str | None 
 def generate_features(net, seeds: list[int], extractor, env: D.DistEnv, steps: int = 32, batch: int = 64,
                       progress: bool = False) -> np.ndarray | None:
     """Inception features of the images generated for `seeds` (rank 0: all, in seed order; others: None)."""
-    from .metrics import extract_features
-    from .sampling import generate
-
     mine = seeds[env.rank::env.world_size]
     chunks = []
     batches = range(0, len(mine), batch)
@@ -86,9 +89,6 @@ def estimate_seconds(net, extractor, env: D.DistEnv, n_images: int, steps: int, 
     The probe runs twice and times the second pass: TorchScript (the Inception network) optimises itself on
     its first calls, which would make a single probe several times too pessimistic.
     """
-    from .metrics import extract_features
-    from .sampling import generate
-
     probe = max(1, min(8, batch, n_images))
     for _ in range(2):
         t = time.perf_counter()
@@ -106,7 +106,7 @@ def fid_kid(features: np.ndarray, ref) -> tuple[float, float]:
     return ref.fid(features), kid
 
 
-def evaluate_run(run_dir: str | Path, snapshot: str = "latest", num_images: int = 50000, seeds: str | None = None,
+def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: int = 50000, seeds: str | None = None,
                  steps: int = 32, repeats: int = 1, ref_images: int | None = None, batch: int = 64,
                  device: str = "auto", inception: str | None = None, echo=print) -> dict:
     """Generate from a snapshot, compute FID/KID against the run's data, log them into the run's MLflow run.
@@ -114,11 +114,6 @@ def evaluate_run(run_dir: str | Path, snapshot: str = "latest", num_images: int 
     `seeds` wins over `num_images`; with `repeats` R the seeds of repeat i are the i-th consecutive block of
     the same size (EDM's protocol: report the minimum; all values are logged). Returns the numbers.
     """
-    from .data import DataSpec
-    from .metrics import load_inception, reference_statistics
-    from .rundir import RunDir
-    from .tracking import log_now
-
     env = D.read_env(device)
     run = RunDir(run_dir)
     info = run.read_info()
@@ -161,12 +156,12 @@ def evaluate_run(run_dir: str | Path, snapshot: str = "latest", num_images: int 
     if not env.is_main:
         return {}
     fids, kids = [v[0] for v in values], [v[1] for v in values]
-    metrics = {"fid": min(fids), "kid": min(kids), "fid/num_images": len(base), "fid/ref_images": ref.num_images,
-               "fid/steps": steps}
+    metrics = {C.FID: min(fids), C.KID: min(kids), C.FID_NUM_IMAGES: len(base), C.FID_REF_IMAGES: ref.num_images,
+               C.FID_STEPS: steps}
     if repeats > 1:
         metrics.update({f"fid/repeat_{i}": f for i, f in enumerate(fids)})
         metrics.update({f"kid/repeat_{i}": k for i, k in enumerate(kids)})
-        metrics["fid/mean"] = float(np.mean(fids))
+        metrics[C.FID_MEAN] = float(np.mean(fids))
     if uri and run_id:
         log_now(uri, run_id, metrics, step=nimg, tags={"edm_opt.fid_weights_sha256": sha})
         echo(f"logged fid={metrics['fid']:.3f} kid={metrics['kid']:.5f} at step {nimg} of MLflow run {run_id} ({uri})")
@@ -176,10 +171,6 @@ def evaluate_run(run_dir: str | Path, snapshot: str = "latest", num_images: int 
 def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str = "latest", steps: int = 32,
                 class_label: int | None = None, device: str = "auto") -> Path:
     """`edm-opt sample`: a PNG grid of the images for `seeds` from a snapshot."""
-    from .plots import save_image_grid
-    from .rundir import RunDir
-    from .sampling import generate
-
     env = D.read_env(device)
     nimg, path = RunDir(run_dir).snapshot_path(snapshot)
     snap = load_snapshot_network(path, env.device)
@@ -193,8 +184,6 @@ class TrainingFID:
 
     def __init__(self, dataset, env: D.DistEnv, num_images: int, ref_images: int | None, steps: int = 32,
                  batch: int = 64):
-        from .metrics import load_inception, reference_statistics
-
         self.env, self.num_images, self.steps, self.batch = env, num_images, steps, batch
         self.extractor, self.sha = load_inception(None, env.device)
         self.ref = None
@@ -211,4 +200,4 @@ class TrainingFID:
         if feats is None:
             return None
         fid, kid = fid_kid(feats, self.ref)
-        return {"fid": fid, "kid": kid, "fid/num_images": self.num_images, "fid/ref_images": self.ref.num_images}
+        return {C.FID: fid, C.KID: kid, C.FID_NUM_IMAGES: self.num_images, C.FID_REF_IMAGES: self.ref.num_images}

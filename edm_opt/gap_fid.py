@@ -17,6 +17,7 @@ from . import EdmOptError
 from . import contract as C
 from .diffusion import sigma_key
 from .fileio import write_json
+from .plots import plot_gap_fid
 from .tracking import find_runs, load_json_artifact, metric_history
 
 
@@ -112,8 +113,6 @@ def gap_fid_correlation(points: list[GapFidPoint]) -> list[GapFidCorrelation]:
 
 def gap_fid_report(uri: str, experiment: str, out: Path, parent_run_id: str | None = None, echo=print) -> list:
     """`edm-opt diagnose --runs EXPERIMENT`: per-sigma correlation of gap and FID across snapshots (table, plot)."""
-    from .plots import plot_gap_fid  # matplotlib: slow to import
-
     points = gap_fid_points(uri, experiment, parent_run_id)
     if not points:
         raise GapFidError(f"no snapshots with FID in experiment {experiment!r} at {uri}: run `edm-opt evaluate` "

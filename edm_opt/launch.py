@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import contract as C
 from .config import format_nimg
 from .fileio import atomic_path, write_json
 from .sweep import (Cell, CellStatus, Sweep, cell_command, cell_config, cell_status, cell_statuses, config_text,
                     find_records, read_state)
+from .tracking import TrackingError, create_run, default_tracking_uri, get_run, git_commit, log_now, set_run_status
 
 
 @dataclass
@@ -46,8 +48,6 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print, cells: list[Cel
     KILLED (interrupted), FAILED (a cell failed) or FINISHED (every cell of the sweep finished; when only
     some cells were run and others are not finished yet, it stays RUNNING).
     """
-    from .tracking import default_tracking_uri
-
     t_start = time.monotonic()
     uri = default_tracking_uri()
     parent = _parent_run(sweep, uri, echo)
@@ -118,18 +118,15 @@ def _minutes(seconds: float) -> str:
 
 def _parent_run(sweep: Sweep, uri: str, echo) -> str:
     """The sweep's MLflow run (same name and sweep hash), reused and marked RUNNING, or a new one."""
-    from .tracking import create_run, git_commit, log_now, set_run_status
-
     def find() -> list[str]:  # oldest first
         return [r.run_id for r in find_records(uri, sweep.experiment, f"tags.`edm_opt.sweep_hash` = '{sweep.sweep_hash}'")
                 if r.run_name == sweep.run_name]
 
     found = find()
-    tags = {"edm_opt.sweep_name": sweep.name, "edm_opt.sweep_hash": sweep.sweep_hash,
-            "edm_opt.sweep_file": str(sweep.path.resolve()), "edm_opt.sweep_cells": len(sweep.cells),
-            "edm_opt.sweep_launch": sweep.launch.mode, "edm_opt.git_commit": git_commit()}
+    tags = {C.TAG_SWEEP_NAME: sweep.name, C.TAG_SWEEP_HASH: sweep.sweep_hash, C.TAG_SWEEP_FILE: str(sweep.path.resolve()),
+            C.TAG_SWEEP_CELLS: len(sweep.cells), C.TAG_SWEEP_LAUNCH: sweep.launch.mode, C.TAG_GIT_COMMIT: git_commit()}
     if sweep.description:
-        tags["mlflow.note.content"] = sweep.description
+        tags[C.TAG_NOTE] = sweep.description
     if found:
         parent = found[0]
         set_run_status(uri, parent, "RUNNING")
@@ -142,7 +139,7 @@ def _parent_run(sweep: Sweep, uri: str, echo) -> str:
         log_now(uri, parent, params={"n_cells": len(sweep.cells), **grid})
         oldest = find()[0]
         if oldest != parent:  # another job created it at the same moment: all use the oldest
-            log_now(uri, parent, tags={"edm_opt.duplicate_of": oldest})
+            log_now(uri, parent, tags={C.TAG_DUPLICATE_OF: oldest})
             set_run_status(uri, parent, "KILLED")
             parent = oldest
         echo(f"sweep {sweep.name}: new MLflow run {parent} ({len(sweep.cells)} cells) in experiment {sweep.experiment}")
@@ -221,23 +218,19 @@ def _adopt(status: CellStatus, parent: str, uri: str, finished: bool = False) ->
     """Put the cell's MLflow run under this sweep's parent (it may come from an earlier definition or a
     plain `train` command); a cell trained to its duration is marked FINISHED. Runs in another store
     than the sweep's are left alone."""
-    from .tracking import get_run, log_now, set_run_status
-
     if not status.run_id or status.tracking_uri != uri:
         return
     with contextlib.suppress(Exception):  # best effort: the run may be gone
         rec = get_run(uri, status.run_id)
-        if rec.tags.get("mlflow.parentRunId") != parent or rec.tags.get("edm_opt.cell_hash") != status.cell.cell_hash:
-            log_now(uri, status.run_id, tags={"mlflow.parentRunId": parent, "edm_opt.sweep": parent,
-                                              "edm_opt.cell_hash": status.cell.cell_hash})
+        if rec.tags.get(C.TAG_PARENT) != parent or rec.tags.get(C.TAG_CELL_HASH) != status.cell.cell_hash:
+            log_now(uri, status.run_id, tags={C.TAG_PARENT: parent, C.TAG_SWEEP: parent,
+                                              C.TAG_CELL_HASH: status.cell.cell_hash})
         if finished and rec.status != "FINISHED":
             set_run_status(uri, status.run_id, "FINISHED")
 
 
 def _record_attempt(status: CellStatus, parent: str, uri: str, log: Path, outcome: str, echo) -> None:
     """After a cell ran: its log on the parent and on its own run, the run adopted; FAILED if it failed."""
-    from .tracking import TrackingError, get_run, log_now, set_run_status
-
     try:
         log_now(uri, parent, artifacts=[(log, "logs")])
         _adopt(status, parent, uri)
@@ -261,14 +254,12 @@ def _save_state(sweep: Sweep, parent: str, uri: str, cell: dict | None = None, l
 
 
 def _finish_parent(sweep: Sweep, uri: str, parent: str, result: SweepResult, final: str, echo) -> None:
-    from .tracking import TrackingError, log_now, set_run_status
-
     try:
         path = _save_state(sweep, parent, uri, last_run={
             "status": final, "trained": result.trained, "skipped": result.skipped, "failed": result.failed,
             "elapsed_s": round(result.elapsed_s, 1)})
-        log_now(uri, parent, metrics={"sweep/cells_finished": len(result.trained) + len(result.skipped),
-                                      "sweep/cells_failed": len(result.failed)}, artifacts=[path])
+        log_now(uri, parent, metrics={C.SWEEP_CELLS_FINISHED: len(result.trained) + len(result.skipped),
+                                      C.SWEEP_CELLS_FAILED: len(result.failed)}, artifacts=[path])
     except (TrackingError, OSError) as e:
         echo(f"warning: {e}")
     set_run_status(uri, parent, final)

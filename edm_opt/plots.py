@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .diffusion import sigma_key
 from .fileio import atomic_path
 
 
@@ -149,8 +150,6 @@ def plot_diagnosis(r: dict, path: str | os.PathLike) -> Path:
 
 def plot_gap_fid(points, corr, path: str | os.PathLike) -> Path:
     """Per-sigma correlation of gap and FID across snapshots, and the scatter at the strongest sigma."""
-    from .diffusion import sigma_key
-
     fig, (ax, ax2) = figure(1, 2, figsize=(11, 4.2))
     s = [c.sigma for c in corr]
     ax.semilogx(s, [c.pearson for c in corr], marker=".", label="Pearson")

@@ -20,6 +20,7 @@ from .compute import count_parameters, flops_per_image
 from .config import TrainConfig, flatten, format_nimg
 from .fileio import write_json
 from .heldout import negative_gaps, per_sigma_metrics
+from .plots import plot_gap, save_image_grid
 from .rundir import RunDir
 from .tracking import RunLogger, default_tracking_uri, git_commit
 
@@ -182,8 +183,6 @@ def save_snapshot(run_dir: RunDir, recorder: RunRecorder, history: C.PerSigmaHis
                   network: dict, class_conditional: bool, samples: torch.Tensor, title: str) -> Path:
     """`snapshot-<nimg>.pt` (the EMA weights and how to rebuild the network), per_sigma.json, gap.png and the sample
     grid, each logged as an artifact."""
-    from .plots import plot_gap, save_image_grid  # matplotlib: slow to import
-
     dataset = recorder.dataset
     path = run_dir.save_snapshot({
         "net": ema.net.state_dict(), "ema": ema.name, "nimg": nimg, "network": network,

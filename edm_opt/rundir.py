@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import EdmOptError
+from .config import parse_nimg
 from .contract import RUN_INFO, RunInfo
 from .fileio import atomic_path, write_json
 
@@ -104,7 +105,6 @@ class RunDir:
             raise RunDirError(f"{self.path}: no snapshots yet")
         if which in ("latest", None):
             return snaps[-1]
-        from .config import parse_nimg
 
         nimg = parse_nimg(which)
         for n, p in snaps:

@@ -31,7 +31,12 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
+from . import contract as C
 from .config import ConfigError, TrainConfig, format_nimg, load_yaml, parse_nimg, resolve_config
+from .rundir import RunDir
+from .tracking import TrackingError, default_tracking_uri, find_runs, sqlite_path
 
 TOP_KEYS = ("name", "description", "experiment", "launch", "base", "grid", "overrides")
 LAUNCH_MODES = ("subprocess", "torchrun")
@@ -263,8 +268,6 @@ def cell_config(cell: Cell, parent_run_id: str) -> TrainConfig:
 
 def config_text(cfg: TrainConfig) -> str:
     """A config as the YAML `edm-opt train --config` reads (image counts as 64Ki/8Mi where exact)."""
-    import yaml
-
     d = {k: format_nimg(int(v)) if k in TrainConfig.NIMG_KEYS and v is not None else v
          for k, v in cfg.to_dict().items()}
     return yaml.safe_dump(d, sort_keys=False)
@@ -333,16 +336,12 @@ class CellStatus:
 
 def _store_exists(uri: str) -> bool:
     """False for a SQLite store that does not exist yet (reading must not create it)."""
-    from .tracking import sqlite_path
-
     db = sqlite_path(uri)
     return db is None or db.exists()
 
 
 def find_records(uri: str, experiment: str, filter_string: str = "") -> list:
     """The experiment's runs, oldest first; none if the store or the experiment does not exist yet."""
-    from .tracking import TrackingError, find_runs
-
     if not _store_exists(uri):
         return []
     try:
@@ -366,12 +365,10 @@ def cell_statuses(sweep: Sweep, uri: str | None = None) -> list[CellStatus]:
 
     Reads only: a SQLite store that does not exist yet is not created.
     """
-    from .tracking import default_tracking_uri
-
     uri = uri or default_tracking_uri()
     records = find_records(uri, sweep.experiment)
     by_id = {r.run_id: r for r in records}
-    by_hash = {r.tags["edm_opt.cell_hash"]: r for r in records if "edm_opt.cell_hash" in r.tags}  # newest wins
+    by_hash = {r.tags[C.TAG_CELL_HASH]: r for r in records if C.TAG_CELL_HASH in r.tags}  # newest wins
     attempts = read_state(sweep).get("cells", {})
     return [cell_status(c, uri, by_id, by_hash, attempts.get(c.run_name, {}).get("state")) for c in sweep.cells]
 
@@ -380,8 +377,6 @@ def cell_status(cell: Cell, uri: str, by_id: dict | None = None, by_hash: dict |
                 last_attempt: str | None = None) -> CellStatus:
     """One cell's state. `by_id`/`by_hash`: its MLflow records by run id and cell hash (none: run.json only);
     `last_attempt`: the outcome sweep.json records for it."""
-    from .rundir import RunDir
-
     run = RunDir(cell.run_dir)
     ckpts = run.checkpoints() if run.path.is_dir() else []
     nimg = ckpts[-1][0] if ckpts else 0
@@ -393,7 +388,7 @@ def cell_status(cell: Cell, uri: str, by_id: dict | None = None, by_hash: dict |
     rec = (by_id or {}).get(run_id) or (by_hash or {}).get(cell.cell_hash)
     duration = cell.config.duration
     if nimg >= duration or (not ckpts and rec is not None and rec.status == "FINISHED"
-                            and int(rec.tags.get("edm_opt.duration", 0)) >= duration):
+                            and int(rec.tags.get(C.TAG_DURATION, 0)) >= duration):
         state = "finished"
     elif (rec is not None and rec.status == "FAILED") or (last_attempt == "failed" and
                                                          (rec is None or rec.status != "RUNNING")):
@@ -420,8 +415,8 @@ def format_status(sweep: Sweep, statuses: list[CellStatus]) -> str:
         images = f"{format_nimg(s.nimg)}/{format_nimg(r.duration)}" if s.nimg else "-"
         m = s.metrics
         rows.append([str(c.index), r.preset, r.schedule, str(r.seed), *[_show(k, getattr(r, k)) for k in varying],
-                     c.run_name, s.state, images, f"{m['gap/ref_total']:.5f}" if "gap/ref_total" in m else "-",
-                     f"{m['fid']:.2f}" if "fid" in m else "-"])
+                     c.run_name, s.state, images, f"{m[C.GAP_REF]:.5f}" if C.GAP_REF in m else "-",
+                     f"{m[C.FID]:.2f}" if C.FID in m else "-"])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *rows]]
     counts = Counter(s.state for s in statuses)

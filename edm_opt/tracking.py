@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import EdmOptError, __version__
+from . import contract as C
 
 # Our thread retries with backoff; MLflow's own retries (7, backoff 2: minutes) would block a flush.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -113,9 +114,9 @@ class RunLogger:
         try:
             client = _client(uri)
             exp_id = get_or_create_experiment(client, uri, experiment)
-            tags = {**tags, "edm_opt.version": __version__}
+            tags = {**tags, C.TAG_VERSION: __version__}
             if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
+                tags[C.TAG_PARENT] = parent_run_id
             run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         except Exception as e:
             raise TrackingError(f"cannot create an MLflow run at {uri} ({type(e).__name__}: {e})") from None
@@ -126,7 +127,7 @@ class RunLogger:
         """Continue an existing run; steps at or below its last logged `loss/train` step are not re-sent."""
         try:
             client = _client(uri)
-            history = client.get_metric_history(run_id, "loss/train")
+            history = client.get_metric_history(run_id, C.LOSS_TRAIN)
             client.update_run(run_id, status="RUNNING")
         except Exception as e:
             raise TrackingError(f"cannot resume MLflow run {run_id} at {uri} ({type(e).__name__}: {e})") from None
@@ -351,9 +352,9 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict | None = Non
     """A run that a tool fills synchronously (sweep parents, diagnose): its id."""
     client = _client(uri)
     exp_id = get_or_create_experiment(client, uri, experiment)
-    tags = {**(tags or {}), "edm_opt.version": __version__}
+    tags = {**(tags or {}), C.TAG_VERSION: __version__}
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[C.TAG_PARENT] = parent_run_id
     return client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}).info.run_id
 
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edm_opt import EdmOptError
+from edm_opt import contract as C
 from edm_opt.diffusion import reference_total, sigma_key
 from edm_opt.tracking import find_runs, get_run, load_json_artifact, metric_history
 
-PER_SIGMA_ARTIFACT = "per_sigma.json"
-JSTAR_ARTIFACT = "jstar.json"
 
 
 class NoRunsError(EdmOptError, LookupError):
@@ -129,7 +128,7 @@ class ExperimentData:
 
 
 def _is_training_run(rec) -> bool:
-    return "edm_opt.schedule" in rec.tags or any(k.startswith("loss_x0/") for k in rec.metrics)
+    return C.TAG_SCHEDULE in rec.tags or any(k.startswith(C.LOSS_X0) for k in rec.metrics)
 
 
 def _series(uri: str, rec, key: str) -> np.ndarray:
@@ -139,72 +138,39 @@ def _series(uri: str, rec, key: str) -> np.ndarray:
     return np.array(metric_history(uri, rec.run_id, key), dtype=np.float64).reshape(-1, 2)
 
 
-def _artifact_share(h: dict, steps: int, k: int) -> np.ndarray:
-    """[steps, k] shares from per_sigma.json's "share" (one entry per status, parallel to "nimg"); NaN where
-    the key is absent (files from before shares), an entry is null (statuses from before shares) or malformed."""
-    out = np.full((steps, k), math.nan)
-    for t, row in enumerate((h.get("share") or [])[:steps]):
-        if isinstance(row, list) and len(row) == k:
-            try:
-                out[t] = [math.nan if v is None else float(v) for v in row]
-            except (TypeError, ValueError):
-                pass
-    return out
+def _arrays(h: C.PerSigmaHistory, source: str, jstar_ref: float | None = None) -> dict:
+    """RunData's history fields from a per-sigma history (contract.PerSigmaHistory)."""
+    sigmas = np.asarray(h.sigmas, dtype=np.float64)
+    jstar = np.asarray(h.jstar, dtype=np.float64)
+    if jstar_ref is None:
+        jstar_ref = reference_total(sigmas, jstar) if sigmas.size else math.nan
+    return dict(sigmas=sigmas, jstar=jstar, jstar_stderr=np.asarray(h.jstar_stderr, dtype=np.float64),
+                nimg=np.asarray(h.nimg, dtype=np.int64), flops_total=np.asarray(h.flops_total, dtype=np.float64),
+                loss_x0=h.array("loss_x0"), share=h.array("share"), ref_total=np.asarray(h.ref_total, dtype=np.float64),
+                jstar_ref=float(jstar_ref), source=source)
 
 
-def _from_artifact(h: dict) -> dict:
-    sigmas = np.asarray(h["sigmas"], dtype=np.float64)
-    jstar = np.asarray(h["jstar"], dtype=np.float64)
-    return dict(sigmas=sigmas, jstar=jstar, share=_artifact_share(h, len(h["nimg"]), len(sigmas)),
-                jstar_stderr=np.asarray(h.get("jstar_stderr") or np.full(sigmas.shape, np.nan), dtype=np.float64),
-                nimg=np.asarray(h["nimg"], dtype=np.int64),
-                flops_total=np.asarray(h["flops_total"], dtype=np.float64),
-                loss_x0=np.array(h["loss_x0"], dtype=np.float64).reshape(len(h["nimg"]), len(sigmas)),
-                ref_total=np.array(h["ref_total"], dtype=np.float64),
-                jstar_ref=reference_total(sigmas, jstar), source=PER_SIGMA_ARTIFACT)
+def _from_metrics(uri: str, rec) -> C.PerSigmaHistory:
+    """The history from the metric histories (one read per grid sigma and family used, plus two)."""
+    return C.PerSigmaHistory.from_metric_histories(rec.metrics, lambda key: metric_history(uri, rec.run_id, key),
+                                                   rows=("share",))
 
 
-def _from_metrics(uri: str, rec) -> dict:
-    """The same arrays from the metric histories (K + 2 history reads, K more when shares are metrics)."""
-    prefix = "loss_x0/sigma_"
-    keys = sorted((k.removeprefix(prefix) for k in rec.metrics if k.startswith(prefix)), key=float)
-    sigmas = np.array([float(k) for k in keys], dtype=np.float64)
-    jstar = np.array([rec.metrics.get(f"jstar/sigma_{k}", math.nan) for k in keys], dtype=np.float64)
-    loss = {k: dict(metric_history(uri, rec.run_id, f"loss_x0/sigma_{k}")) for k in keys}
-    flops = dict(metric_history(uri, rec.run_id, "compute/flops_total"))
-    ref = dict(metric_history(uri, rec.run_id, "loss/ref_total"))
-    steps = sorted(set().union(*(set(v) for v in loss.values()))) if keys else []
-    share = {k: dict(metric_history(uri, rec.run_id, f"sched/share_sigma_{k}")) for k in keys
-             if f"sched/share_sigma_{k}" in rec.metrics}  # runs from before shares have none
-    jref = rec.metrics.get("jstar/ref_total")
-    if jref is None:
-        jref = reference_total(sigmas, jstar) if keys else math.nan
-    return dict(sigmas=sigmas, jstar=jstar, jstar_stderr=np.full(sigmas.shape, np.nan),
-                nimg=np.asarray(steps, dtype=np.int64),
-                flops_total=np.array([flops.get(s, math.nan) for s in steps], dtype=np.float64),
-                loss_x0=np.array([[loss[k].get(s, math.nan) for k in keys] for s in steps],
-                                 dtype=np.float64).reshape(len(steps), len(keys)),
-                share=np.array([[share.get(k, {}).get(s, math.nan) for k in keys] for s in steps],
-                               dtype=np.float64).reshape(len(steps), len(keys)),
-                ref_total=np.array([ref.get(s, math.nan) for s in steps], dtype=np.float64),
-                jstar_ref=float(jref), source="metric histories" if steps else "none")
-
-
-def _statuses_missing_from(arrays: dict, uri: str, rec) -> int:
+def _statuses_missing_from(h: C.PerSigmaHistory, uri: str, rec) -> int:
     """How many status steps logged to MLflow (`loss/ref_total`) the artifact's history does not have."""
-    if "loss/ref_total" not in rec.metrics:
+    if C.LOSS_REF not in rec.metrics:
         return 0
-    logged = {step for step, _ in metric_history(uri, rec.run_id, "loss/ref_total")}
-    return len(logged - set(arrays["nimg"].tolist()))
+    logged = {step for step, _ in metric_history(uri, rec.run_id, C.LOSS_REF)}
+    return len(logged - set(h.nimg))
 
 
-def _fill_shares(arrays: dict, artifact: dict) -> None:
+def _fill_shares(h: C.PerSigmaHistory, artifact: C.PerSigmaHistory) -> None:
     """Statuses without share metrics take the artifact's shares at the same nimg (shares that live in
     per_sigma.json only, DESIGN.md's layout without --log-per-sigma all). Both on the same grid."""
-    row = {int(n): t for t, n in enumerate(artifact["nimg"])}
-    for t, n in enumerate(arrays["nimg"]):
-        if int(n) in row and np.isnan(arrays["share"][t]).all():
-            arrays["share"][t] = artifact["share"][row[int(n)]]
+    row = {n: t for t, n in enumerate(artifact.nimg)}
+    for t, n in enumerate(h.nimg):
+        if n in row and (h.share[t] is None or all(v is None for v in h.share[t])):
+            h.share[t] = artifact.share[row[n]]
 
 
 def run_variant(schedule: str, params: dict, tags: dict) -> str | None:
@@ -212,7 +178,7 @@ def run_variant(schedule: str, params: dict, tags: dict) -> str | None:
     for an optimal run logged before variants existed; None for the other schedules."""
     if schedule != "optimal":
         return None
-    for v in (params.get("opt_variant"), tags.get("edm_opt.opt_variant")):
+    for v in (params.get("opt_variant"), tags.get(C.TAG_VARIANT)):
         if v not in (None, "None", ""):
             return v
     return "paper"
@@ -221,33 +187,35 @@ def run_variant(schedule: str, params: dict, tags: dict) -> str | None:
 def read_run(uri: str, rec) -> RunData:
     """One run's history: per_sigma.json unless the run is RUNNING, has none, or lacks statuses that the
     run logged to MLflow; else its metric histories."""
-    h = None if rec.status == "RUNNING" else load_json_artifact(uri, rec.run_id, PER_SIGMA_ARTIFACT)
+    d = None if rec.status == "RUNNING" else load_json_artifact(uri, rec.run_id, C.PER_SIGMA_ARTIFACT)
     try:
-        arrays = _from_artifact(h) if h and h.get("nimg") else None
+        h = C.PerSigmaHistory.from_json(d) if d and d.get("nimg") else None
+        arrays = _arrays(h, C.PER_SIGMA_ARTIFACT) if h is not None else None
     except (KeyError, TypeError, ValueError):  # an unreadable artifact: the metrics hold the same numbers
-        arrays = None
-    if arrays is not None and (lost := _statuses_missing_from(arrays, uri, rec)):
+        h = arrays = None
+    jref = rec.metrics.get(C.JSTAR_REF)
+    if h is not None and (lost := _statuses_missing_from(h, uri, rec)):
         # per_sigma.json was short (written at snapshots only, before edm-opt kept the history in checkpoints,
         # a run resumed before its first snapshot lost its early statuses): the metric histories are whole.
-        stderr, short = arrays["jstar_stderr"], arrays
-        arrays = _from_metrics(uri, rec)
-        if stderr.shape == arrays["sigmas"].shape:
-            arrays["jstar_stderr"] = stderr
-            _fill_shares(arrays, short)
-        arrays["source"] = f"metric histories ({PER_SIGMA_ARTIFACT} lacks {lost} statuses)"
+        whole = _from_metrics(uri, rec)
+        if len(h.jstar_stderr) == len(whole.sigmas):
+            whole.jstar_stderr = h.jstar_stderr
+            _fill_shares(whole, h)
+        arrays = _arrays(whole, f"metric histories ({C.PER_SIGMA_ARTIFACT} lacks {lost} statuses)", jref)
     if arrays is None:
-        arrays = _from_metrics(uri, rec)
-    h = h or {}
-    params = rec.metrics.get("model/param_count", h.get("param_count"))
-    schedule = h.get("schedule") or rec.tags.get("edm_opt.schedule") or rec.params.get("schedule", "unknown")
+        whole = _from_metrics(uri, rec)
+        arrays = _arrays(whole, "metric histories" if len(whole) else "none", jref)
+    h = d or {}
+    params = rec.metrics.get(C.PARAM_COUNT, h.get("param_count"))
+    schedule = h.get("schedule") or rec.tags.get(C.TAG_SCHEDULE) or rec.params.get("schedule", "unknown")
     return RunData(
         run_id=rec.run_id, name=rec.run_name, status=rec.status, schedule=schedule,
         variant=run_variant(schedule, rec.params, rec.tags), params=dict(rec.params),
-        preset=h.get("preset") or rec.tags.get("edm_opt.preset") or rec.params.get("preset", "unknown"),
+        preset=h.get("preset") or rec.tags.get(C.TAG_PRESET) or rec.params.get("preset", "unknown"),
         param_count=None if params is None else int(params),
-        flops_per_image=rec.metrics.get("compute/flops_per_image", h.get("flops_per_image")),
-        fid=_series(uri, rec, "fid"), kid=_series(uri, rec, "kid"),
-        fingerprint=rec.tags.get("edm_opt.dataset_fingerprint") or rec.params.get("data.fingerprint"),
+        flops_per_image=rec.metrics.get(C.FLOPS_PER_IMAGE, h.get("flops_per_image")),
+        fid=_series(uri, rec, C.FID), kid=_series(uri, rec, C.KID),
+        fingerprint=rec.tags.get(C.TAG_FINGERPRINT) or rec.params.get("data.fingerprint"),
         base_schedule=None if rec.params.get("base_schedule") in (None, "None", "") else rec.params["base_schedule"],
         time_ms=rec.end_time or rec.start_time, tags=rec.tags, **arrays)
 
@@ -315,7 +283,7 @@ def collect_experiment(uri: str, experiment: str, sweep_run_id: str | None = Non
     exp = ExperimentData(experiment, uri, sweep_run_id, runs,
                          sorted(r.run_name for r in records if not _is_training_run(r)), None)
     for r in runs:
-        if r.has_history and (table := load_json_artifact(uri, r.run_id, JSTAR_ARTIFACT)):
+        if r.has_history and (table := load_json_artifact(uri, r.run_id, C.JSTAR_ARTIFACT)):
             exp.jstar_table = table
             break
     _check_consistency(exp)
@@ -331,7 +299,7 @@ def _check_consistency(exp: ExperimentData) -> None:
                          + (" ..." if len(empty) > 5 else ""))
     short = [r.name for r in exp.runs if r.source.startswith("metric histories (")]
     if short:
-        exp.notes.append(f"{len(short)} runs read from metric histories ({PER_SIGMA_ARTIFACT} lacks logged "
+        exp.notes.append(f"{len(short)} runs read from metric histories ({C.PER_SIGMA_ARTIFACT} lacks logged "
                          f"statuses): {', '.join(short[:5])}" + (" ..." if len(short) > 5 else ""))
     if ref is None:
         return

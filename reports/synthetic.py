@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from edm_opt import __version__
+from edm_opt import contract as C
 from edm_opt.heldout import per_sigma_metrics
-from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, edm_weight, reference_total, sigma_grid, sigma_key
+from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, edm_weight, reference_total, sigma_grid
 from edm_opt.fileio import write_json
 from edm_opt.contract import normalised_share
 from edm_opt.tracking import RunLogger, set_run_status
@@ -78,13 +79,16 @@ def synthetic_history(run: SyntheticRun, sigmas: np.ndarray, jstar: np.ndarray, 
     gap = g[None, :] * ((flops[:, None] / F0) ** run.alpha + capacity)
     loss = (jstar[None, :] + gap) * (1 + run.noise * rng.standard_normal(gap.shape))
     stderr = 0.01 * loss
-    extra = {"share": synthetic_shares(run, sigmas, jstar[None, :] + gap).tolist()} if run.shares else {}
-    return {"sigmas": sigmas.tolist(), "jstar": jstar.tolist(), "jstar_stderr": (1e-3 * jstar).tolist(),
-            "param_count": run.param_count, "flops_per_image": int(run.flops_per_image), "schedule": run.schedule,
-            "preset": run.preset, "nimg": nimg, "loss_x0": loss.tolist(), "stderr": stderr.tolist(),
-            "loss_x0_raw": (loss * 1.01).tolist(), "loss_x0_batch": loss.tolist(),
-            "p_sigma": [None] * run.steps, "ref_total": [reference_total(sigmas, l) for l in loss],
-            "flops_total": flops.tolist(), **extra}
+    shares = synthetic_shares(run, sigmas, jstar[None, :] + gap)
+    h = C.PerSigmaHistory(sigmas.tolist(), jstar.tolist(), (1e-3 * jstar).tolist(), run.param_count,
+                          int(run.flops_per_image), run.schedule, run.preset)
+    for t, n in enumerate(nimg):
+        h.append(n, reference_total(sigmas, loss[t]), flops[t], loss_x0=loss[t], stderr=stderr[t],
+                 loss_x0_raw=loss[t] * 1.01, loss_x0_batch=loss[t], share=shares[t] if run.shares else None)
+    d = h.to_json()
+    if not run.shares:
+        del d["share"]  # a file from before loss shares existed
+    return d
 
 
 def synthetic_shares(run: SyntheticRun, sigmas: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -119,43 +123,43 @@ def log_synthetic_run(uri: str, experiment: str, run: SyntheticRun, sigmas: np.n
     jstar = synthetic_jstar(sigmas)
     rng = np.random.default_rng(seed)
     h = synthetic_history(run, sigmas, jstar, rng)
-    tags = {"edm_opt.dataset_fingerprint": "synthetic0000", "edm_opt.schedule": run.schedule,
-            "edm_opt.preset": run.preset, "edm_opt.git_commit": "synthetic", "edm_opt.duration": h["nimg"][-1]}
+    tags = {C.TAG_FINGERPRINT: "synthetic0000", C.TAG_SCHEDULE: run.schedule, C.TAG_PRESET: run.preset,
+            C.TAG_GIT_COMMIT: "synthetic", C.TAG_DURATION: h["nimg"][-1]}
     if run.schedule == "optimal":
         variant = {"opt_variant": run.variant} if run.variant else {}  # none: a run from before variants
         if run.variant:
-            tags["edm_opt.opt_variant"] = run.variant
+            tags[C.TAG_VARIANT] = run.variant
     else:
         variant = {"opt_variant": None}  # as training logs its resolved config for the other schedules
     if parent_run_id:
-        tags["edm_opt.sweep"] = parent_run_id
+        tags[C.TAG_SWEEP] = parent_run_id
     logger = RunLogger.create(uri, experiment, run.name, tags, parent_run_id, verbose=False)
     logger.log_params({"preset": run.preset, "schedule": run.schedule, "base_schedule": str(run.base_schedule),
                        "sigmas": f"0.002:80:{len(sigmas)}", "seed": seed if run.seed is None else run.seed,
                        **variant, **run.params,
                        "jstar.estimator": "synthetic", "jstar.ref_total": reference_total(sigmas, jstar)})
-    logger.log_metrics({"model/param_count": run.param_count, "compute/flops_per_image": run.flops_per_image,
-                        **{f"jstar/sigma_{sigma_key(s)}": float(j) for s, j in zip(sigmas, jstar)}}, step=0)
+    logger.log_metrics({C.PARAM_COUNT: run.param_count, C.FLOPS_PER_IMAGE: run.flops_per_image,
+                        **C.sigma_metrics(C.JSTAR, sigmas, jstar)}, step=0)
     loss, stderr = np.array(h["loss_x0"]), np.array(h["stderr"])
     for t, nimg in enumerate(h["nimg"]):
         m = per_sigma_metrics(sigmas, loss[t], stderr[t], jstar, loss[t] * 1.01)
         if not per_sigma_history and t < run.steps - 1:
             m = {k: v for k, v in m.items() if not k.split("/")[1].startswith("sigma_")}
-        m.update({"loss/train": m["loss/ref_total"], "compute/flops_total": h["flops_total"][t], "train/lr": 0.01,
-                  "perf/img_per_s": 1000.0})
+        m.update({C.LOSS_TRAIN: m[C.LOSS_REF], C.FLOPS_TOTAL: h["flops_total"][t], C.LR: 0.01,
+                  C.IMG_PER_S: 1000.0})
         if run.shares and (per_sigma_history or t == run.steps - 1):
-            m.update({f"sched/share_sigma_{sigma_key(s)}": float(v) for s, v in zip(sigmas, h["share"][t])})
+            m.update(C.sigma_metrics(C.SHARE, sigmas, h["share"][t]))
         if run.fid_every and (t + 1) % run.fid_every == 0:
             fid = run.fid_offset + run.fid_scale * (loss[t, run.fid_sigma] - jstar[run.fid_sigma])
-            m["fid"] = fid * (1 + run.noise * rng.standard_normal())
-            m["fid/num_images"] = 1000
+            m[C.FID] = fid * (1 + run.noise * rng.standard_normal())
+            m[C.FID_NUM_IMAGES] = 1000
             if run.kid:
-                m["kid"] = 1e-3 * m["fid"]
+                m[C.KID] = 1e-3 * m[C.FID]
         logger.log_metrics(m, step=nimg)
     with tempfile.TemporaryDirectory() as tmp:
         if artifacts:
-            logger.log_artifact(write_json(Path(tmp) / "per_sigma.json", h, indent=None))
-            logger.log_artifact(write_json(Path(tmp) / "jstar.json", jstar_table(sigmas, jstar)))
+            logger.log_artifact(write_json(Path(tmp) / C.PER_SIGMA_ARTIFACT, h, indent=None))
+            logger.log_artifact(write_json(Path(tmp) / C.JSTAR_ARTIFACT, jstar_table(sigmas, jstar)))
         logger.finish("FINISHED" if run.status == "RUNNING" else run.status)
     if run.status == "RUNNING":
         set_run_status(uri, logger.run_id, "RUNNING")

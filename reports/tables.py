@@ -10,6 +10,8 @@ import datetime as _dt
 import math
 import textwrap
 
+from edm_opt import contract as C
+
 from .analysis import Analysis, SeriesFit
 from .data import ExperimentData, RunData
 
@@ -218,7 +220,7 @@ def title_lines(exp: ExperimentData, sigma_star: float | None, environment: dict
         lines.append(f"{'J* table':<18}estimator {t.get('estimator', NA)} ({params}), "
                      f"wall time {fmt(t.get('wall_time_s'))} s")
     else:
-        est = ref.tags.get("edm_opt.jstar_sha256", NA)[:16] if ref else NA
+        est = ref.tags.get(C.TAG_JSTAR_SHA, NA)[:16] if ref else NA
         lines.append(f"{'J* table':<18}metadata missing (no jstar.json artifact); J* sha256 {est}...")
     if ref is not None:
         grid = f"{fmt(ref.sigmas[0])}:{fmt(ref.sigmas[-1])}:{len(ref.sigmas)}"
@@ -233,8 +235,8 @@ def title_lines(exp: ExperimentData, sigma_star: float | None, environment: dict
                      + (" ..." if len(exp.skipped) > 6 else ""))
     latest = max((r.time_ms for r in exp.runs if r.time_ms), default=None)
     lines.append(f"{'Data as of':<18}{fmt_date(latest)} (latest run end or start time)")
-    versions = _counts([r.tags.get("edm_opt.version", NA) for r in exp.runs])
-    commits = _counts([r.tags.get("edm_opt.git_commit", NA)[:12] for r in exp.runs])
+    versions = _counts([r.tags.get(C.TAG_VERSION, NA) for r in exp.runs])
+    commits = _counts([r.tags.get(C.TAG_GIT_COMMIT, NA)[:12] for r in exp.runs])
     lines += ["", f"{'edm-opt':<18}{environment['edm-opt']} (this report); runs: {versions}",
               f"{'':<18}runs' git commits: {commits}",
               f"{'Environment':<18}" + ", ".join(f"{k} {v}" for k, v in environment.items() if k != "edm-opt")]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edm_opt.diffusion import sigma_grid, sigma_key
+from edm_opt.optimal_loss import OptimalLossTable
+
 EDM_OPT = [str(Path(sys.executable).with_name("edm-opt"))]
 
 
@@ -21,8 +24,11 @@ def test_estimate_end_to_end_on_digits(tmp_path):
     args = ["estimate", "--data", "digits", "--sigmas", "0.002:80:8", "--num-samples", "600",
             "--out", "t.json", "--plot", "t.png"]
     p = run(args, tmp_path)
-    assert "sigma* =" in p.stdout and "80" in p.stdout
     t = json.loads((tmp_path / "t.json").read_text())
+    table = OptimalLossTable.load(tmp_path / "t.json")
+    assert f"sigma* = {sigma_key(table.sigma_star)}   reference total = {table.ref_total():.6g}" in p.stdout
+    assert table.sigma_star == sigma_grid(0.002, 80, 8)[3]  # 0.188: digits' J* collapses below ~0.24 (method.md 4.1)
+    assert "J*_LOO" in p.stdout and table.upper is not None  # J*_up columns by default
     assert t["estimator"] == "cdol" and len(t["jstar"]) == 8 and t["jstar"][0] < 1e-9
     assert np.isclose(t["jstar"][-1], 0.293, rtol=0.02)
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,19 +8,17 @@ A small deterministic TorchScript network with Inception's file layout (`.layers
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import EDM_OPT, TINY as TINY_OPTIONS, cli_args
 from edm_opt.evaluation import EvaluationError, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
-EDM_OPT = str(Path(sys.executable).with_name("edm-opt"))
-TINY = ["--data", "digits", "--preset", "edm2-nano", "--batch", "32", "--sigmas", "0.002:80:5",
-        "--heldout-per-sigma", "8", "--duration", "512", "--status-every", "256", "--snapshot-every", "256",
-        "--checkpoint-every", "512", "--schedule", "edm2"]
+TINY = cli_args({**TINY_OPTIONS, "status_every": 256, "snapshot_every": 256, "checkpoint_every": 512,
+                 "schedule": "edm2"})
 
 
 class _Layout(torch.nn.Module):
@@ -40,14 +38,6 @@ def stand_in(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "stand-in.pt"
     torch.jit.script(_Layout(layers)).save(str(path))
     return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("train")
-    subprocess.run([EDM_OPT, "train"] + TINY, cwd=cwd, check=True, capture_output=True)
-    (run,) = list((cwd / "runs" / "edm-opt").iterdir())
-    return run
 
 
 def mlflow_run(run_dir: Path):
@@ -75,8 +65,24 @@ def test_evaluate_from_another_directory_logs_into_the_run(trained, stand_in, tm
     assert not (tmp_path / "mlflow.db").exists()  # logged to the run's own store, not the cwd
     c, r = mlflow_run(trained)
     hist = {m.step: m.value for m in c.get_metric_history(r.info.run_id, "fid")}
-    assert list(hist) == [512] and hist[512] > 0
     m = r.data.metrics
+    assert list(hist) == [512] and hist[512] == m["fid"]
+    # the same numbers from the pieces: the snapshot's images for seeds 0-15 and 16-31, the stand-in's features,
+    # the 64-image reference
+    from edm_opt.data import load_dataset
+    from edm_opt.loading import load_snapshot_network
+    from edm_opt.metrics import extract_features, kid_from_features, load_inception, reference_statistics
+    from edm_opt.sampling import generate
+
+    extractor, _ = load_inception(stand_in)
+    digits = load_dataset("digits")
+    ref = reference_statistics(digits.images, digits.fingerprint, 64, extractor=extractor, progress=False)
+    net = load_snapshot_network(trained / "snapshot-000000512.pt").net
+    for i in range(2):
+        images, _ = generate(net, range(16 * i, 16 * (i + 1)), batch_size=16, num_steps=4)
+        feats = extract_features(images, extractor, batch_size=16)
+        assert m[f"fid/repeat_{i}"] == pytest.approx(ref.fid(feats), rel=1e-6)
+        assert m[f"kid/repeat_{i}"] == pytest.approx(kid_from_features(feats, ref.features)[0], rel=1e-6, abs=1e-12)
     assert m["fid/num_images"] == 16 and m["fid"] == min(m["fid/repeat_0"], m["fid/repeat_1"])
     assert m["fid/repeat_0"] != m["fid/repeat_1"]  # disjoint seed blocks
     assert m["kid"] == min(m["kid/repeat_0"], m["kid/repeat_1"])

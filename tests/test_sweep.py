@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY as TINY_OPTIONS
 from edm_opt import EdmOptError
 from edm_opt.config import TrainConfig, format_nimg, resolve_config
 from edm_opt.launch import run_sweep
@@ -16,9 +17,7 @@ from edm_opt.sweep import (cell_command, cell_config, cell_statuses, config_text
 from edm_opt.tracking import find_runs, get_run, set_run_status
 
 ROOT = Path(__file__).resolve().parents[1]
-# the tiny settings of test_training.py; one thread per cell, as two threads crawl on busy cores
-TINY = {"data": "digits", "preset": "edm2-nano", "batch": 32, "sigmas": "0.002:80:5", "heldout-per-sigma": 8,
-        "duration": 512, "status_every": 256, "snapshot_every": 512, "checkpoint_every": 256}
+TINY = {**TINY_OPTIONS, "status_every": 256, "snapshot_every": 512, "checkpoint_every": 256}
 
 
 def write(tmp_path: Path, doc: dict, name: str = "tiny.yaml") -> Path:
@@ -311,8 +310,7 @@ def test_sigterm_stops_the_running_cell_at_a_checkpoint_and_a_rerun_resumes_it(t
 def test_sweep_command_line(tmp_path):
     from edm_opt.cli import main
 
-    if "sweep" not in main.commands:
-        pytest.skip("`edm-opt sweep` is not wired into edm_opt/cli.py yet")
+    assert {"run", "status"} <= set(main.commands["sweep"].commands)
     edm_opt = [sys.executable, "-m", "edm_opt.cli"]
     p = subprocess.run(edm_opt + ["sweep", "run", str(ROOT / "sweeps" / "edm2-img64-scaling.yaml"), "--dry-run"],
                        cwd=tmp_path, capture_output=True, text=True)

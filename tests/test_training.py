@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY as TINY_OPTIONS, cli_args
 from edm_opt.diffusion import sigma_grid, sigma_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "runners" / "train.py")]
-# tiny and fast: 5 grid sigmas, 8 held-out images each, a 2-level net is not available, so edm2-nano
-TINY = ["--data", "digits", "--preset", "edm2-nano", "--batch", "32", "--sigmas", "0.002:80:5",
-        "--heldout-per-sigma", "8", "--duration", "512", "--status-every", "128", "--snapshot-every", "256",
-        "--checkpoint-every", "128"]
+TINY = cli_args({**TINY_OPTIONS, "status_every": 128, "snapshot_every": 256, "checkpoint_every": 128})
 
 
 def run(args, cwd, env=None, check=True, timeout=600):
@@ -75,7 +73,7 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     assert m["gap/ref_total"] == pytest.approx(m["loss/ref_total"] - m["jstar/ref_total"])
     assert steps(c, r.info.run_id, "loss/train") == [128, 256, 384, 512]
     assert m["compute/flops_total"] == pytest.approx(512 * m["compute/flops_per_image"])
-    assert m["model/param_count"] > 1000
+    assert m["model/param_count"] == 75_368  # edm2-nano (README, docs/results): parameters() only
     tags = r.data.tags
     for t in ("edm_opt.dataset_fingerprint", "edm_opt.jstar_sha256", "edm_opt.git_commit", "edm_opt.schedule",
               "edm_opt.preset"):
