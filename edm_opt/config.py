@@ -160,10 +160,12 @@ class TrainConfig:
     parent_run_id: str | None = option(None, "MLflow parent run (sweeps set it).")
     cell_hash: str | None = option(None, "", hidden=True)
     device: str = option("auto", "auto, cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK.")
+    restart: bool = option(False, "Start the run over from 0 images into a new MLflow run; its checkpoints and "
+                           "snapshots move to previous-<time>/ in the run directory.", default_text="off")
 
     # keys left out of the run-name hash and allowed to change on resume
     UNHASHED = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "fid_images",
-                "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device")
+                "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device", "restart")
     NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every")
     # keys added after runs existed, with the value that reproduces those runs: at that value (or None) they are
     # left out of the hash and of resume checks, so earlier runs keep their names and resume
@@ -186,34 +188,33 @@ class TrainConfig:
         return cfg
 
     def validate(self, source: str = "config") -> None:
-        for key in self.NIMG_KEYS:
-            v = getattr(self, key)
-            if v is not None:
-                setattr(self, key, parse_nimg(v))
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{source}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.base_schedule is not None and self.base_schedule not in BASE_SCHEDULES:
-            raise ConfigError(f"{source}: base_schedule {self.base_schedule!r} is not one of "
-                              f"{', '.join(BASE_SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"{source}: precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        """Coerce every value to its field's type and check its range; ConfigError naming `source` and the key.
+
+        Run at parse time (command line, --config, sweep files), so `--dry-run` catches what a run would refuse."""
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name), source))
         if self.duration <= 0:
             raise ConfigError(f"{source}: duration must be positive")
-        for key in ("batch", "batch_gpu", "heldout_per_sigma", "opt_refresh"):
+        positive = ("batch", "batch_gpu", "heldout_per_sigma", "opt_refresh", "status_every", "snapshot_every",
+                    "checkpoint_every", "fid_images", "fid_ref_images", "lr", "resolution", "opt_warmup_count")
+        for key in positive:
             v = getattr(self, key)
-            if v is not None and int(v) <= 0:
-                raise ConfigError(f"{source}: {key} must be positive, got {v}")
+            if v is not None and not v > 0:
+                raise ConfigError(f"{source}: {key} must be positive, got {v}"
+                                  + ("; leave it out for the default" if key.endswith("_every") else ""))
+        for key in ("fid_every", "lr_tref", "lr_warmup", "opt_floor", "opt_warmup_mass", "opt_jstar_floor",
+                    "opt_bump_height"):
+            v = getattr(self, key)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"{source}: {key} must be >= 0, got {v}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"{source}: dropout must be in [0, 1), got {self.dropout}")
+        if self.P_std is not None and not self.P_std > 0:
+            raise ConfigError(f"{source}: P_std must be positive, got {self.P_std}")
         if not 0 <= self.opt_mix <= 1 or not 0 < self.opt_decay < 1:
             raise ConfigError(f"{source}: opt_mix must be in [0, 1] and opt_decay in (0, 1)")
-        for key in ("opt_gamma", "opt_clip_lo", "opt_clip_hi", "opt_tau"):
-            v = getattr(self, key)
-            if v is not None:
-                try:
-                    setattr(self, key, float(v))
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{source}: {key} must be a number, got {v!r}") from None
-        if self.opt_variant is not None and self.opt_variant not in OPT_VARIANTS:
-            raise ConfigError(f"{source}: opt_variant {self.opt_variant!r} is not one of {', '.join(OPT_VARIANTS)}")
+        if not 0 < self.opt_sigma_star < 1:
+            raise ConfigError(f"{source}: opt_sigma_star must be in (0, 1), got {self.opt_sigma_star}")
         if self.opt_gamma is not None and not self.opt_gamma >= 0:
             raise ConfigError(f"{source}: opt_gamma must be >= 0 (0: sample from the base), got {self.opt_gamma}")
         lo, hi = self.opt_clip_lo, self.opt_clip_hi
@@ -367,6 +368,43 @@ def parse_sigmas_checked(spec: str) -> np.ndarray:
         return parse_sigmas(spec)
     except ValueError as e:
         raise ConfigError(f"sigmas: {e}") from None
+
+
+def _coerce(f, value, source: str):
+    """A value (from YAML or the command line) as its field's type: image counts through parse_nimg; integers only
+    from whole numbers; booleans only from true/false; choices checked."""
+    if value is None:
+        return None
+    name, kind = f.name, str(f.type)
+    want = "an image count" if name in TrainConfig.NIMG_KEYS else next(
+        (t for t in ("bool", "int", "float", "str") if t in kind), "str")
+    try:
+        if name in TrainConfig.NIMG_KEYS:
+            out = parse_nimg(value)
+        elif want == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            out = value
+        elif want == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            out = int(float(value))
+        elif want == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            out = str(value)
+    except (TypeError, ValueError, ConfigError):
+        article = "a whole number" if want == "int" else "true or false" if want == "bool" else \
+            "a number" if want == "float" else want if want == "an image count" else "a string"
+        raise ConfigError(f"{source}: {name} must be {article}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"{source}: {name} {out!r} is not one of {', '.join(choices)}")
+    return out
 
 
 def load_yaml(path: str | Path, what: str = "config file") -> dict:

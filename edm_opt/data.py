@@ -148,9 +148,12 @@ def load_dataset(source: str, resolution: int | None = None, xflip: bool = False
             raise DatasetError(f"dataset {source!r} not found: expected 'digits', a directory of IDX files or "
                                f"images, a .zip, a .npz or the CIFAR-10 python tarball")
         images, labels = _load_path(path, split, progress)
-    if images.shape[0] == 0:
-        raise DatasetError(f"dataset {abs_source!r} holds no images")
-    images, prep = _preprocess(images, resolution)
+    if images.shape[0] < 2:
+        raise DatasetError(f"dataset {abs_source!r} holds {images.shape[0]} image(s); J* and training need at least 2")
+    try:
+        images, prep = _preprocess(images, resolution)
+    except DatasetError as e:
+        raise DatasetError(f"{abs_source}: {e}") from None
     if xflip:
         images = torch.cat([images, images.flip(-1)])
         labels = None if labels is None else torch.cat([labels, labels])
@@ -299,7 +302,7 @@ def _load_image_collection(files, path: Path, progress: bool):
             mode, size = im.mode, a.shape
         elif a.shape != size:
             raise DatasetError(f"{path}/{name}: image of shape {a.shape}, but {image_names[0]} has {size}; all images "
-                               f"must share one size and mode (use `edm-opt data convert --resolution`)")
+                               f"of a dataset must share one size and mode (resize them before packing)")
         arrays.append(a)
     x = np.stack(arrays)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +41,24 @@ def read_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank, local_rank, world, dev)
 
 
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: deliver `signum` to this process when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG), so that no
+    orphaned process trains on into a run directory the next attempt trains into too; elsewhere: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call: the signal will not come
+        os.kill(os.getpid(), signum)
+
+
 def init(env: DistEnv, timeout_s: int = 1800) -> None:
-    """Start the process group (NCCL on CUDA, gloo on CPU) when torchrun launched several processes."""
+    """Start the process group (NCCL on CUDA, gloo on CPU) when torchrun launched several processes; each rank
+    then stops (SIGTERM: a checkpoint at the end of its step) when its torchrun agent dies."""
     if env.world_size <= 1 or dist.is_initialized():
         return
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"

@@ -19,9 +19,10 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `dest`; on success rename it to `dest` (with the permissions a plain
-    open() would give, not mkstemp's 0600), on error delete it."""
+    open() would give, not mkstemp's 0600), on error delete it. `fsync`: flush the file to disk before the rename
+    (checkpoints: a crash right after cannot leave a renamed but empty file)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -29,6 +30,9 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, dest)
     except BaseException:

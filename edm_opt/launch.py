@@ -22,6 +22,7 @@ from typing import Callable
 
 from . import contract as C
 from .config import format_nimg
+from .distributed import die_with_parent
 from .fileio import atomic_path, write_json
 from .sweep import (Cell, CellStatus, Sweep, cell_command, cell_config, cell_status, cell_statuses, config_text,
                     find_records, read_state)
@@ -165,7 +166,7 @@ def _launch(sweep: Sweep, cell: Cell, parent: str, uri: str, log: Path) -> tuple
                "PYTHONUNBUFFERED": "1"}
         try:  # a session of its own: Ctrl-C reaches the sweep only, which then asks the cell once to stop
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         except OSError as e:
             f.write(f"cannot start {cmd[0]}: {e}\n")
             return "failed", None
@@ -201,17 +202,6 @@ def _stop_signals_interrupt():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _die_with_parent() -> None:
-    """In a cell's process (Linux): SIGTERM when the sweep dies, even by SIGKILL, so that no orphaned cell
-    goes on training into a run directory that the next sweep would train into too."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _adopt(status: CellStatus, parent: str, uri: str, finished: bool = False) -> None:

@@ -158,8 +158,30 @@ class OptimalLossTable:
             raise JStarMismatch(f"{path}: not an edm-opt J* table ({type(e).__name__}: {e})") from None
         if version != FORMAT_VERSION:
             raise JStarMismatch(f"{path}: J* table format {version}, this edm-opt reads {FORMAT_VERSION}")
+        table.check_values(str(path))
         table.check_compatible(fingerprint, class_conditional, sigmas, source=str(path))
         return table
+
+    def check_values(self, source: str = "J* table") -> None:
+        """Raise JStarMismatch unless the content is a J* table: as many finite values and standard errors as
+        sigmas, stderr >= 0 and J* >= 0 up to its Monte-Carlo noise (the subset estimators' paired form can dip below
+        0 where J* ~ 0: 5 standard errors, plus 1e-6 x the data variance for float round-off)."""
+        k = self.sigmas.size
+        if self.sigmas.ndim != 1 or k == 0 or self.values.shape != (k,) or self.stderr.shape != (k,):
+            raise JStarMismatch(f"{source}: {self.values.size} J* values and {self.stderr.size} standard errors for "
+                                f"{k} sigmas")
+        if not (np.all(np.isfinite(self.sigmas)) and np.all(self.sigmas > 0) and np.all(np.diff(self.sigmas) > 0)):
+            raise JStarMismatch(f"{source}: the sigmas must be positive, finite and increasing")
+        for name, v in (("J*", self.values), ("stderr", self.stderr)):
+            if not np.all(np.isfinite(v)):
+                bad = self.sigmas[~np.isfinite(v)]
+                raise JStarMismatch(f"{source}: {name} is not finite at sigma = {', '.join(sigma_key(x) for x in bad[:3])}")
+        tol = 1e-6 * float(self.meta.get("data_variance") or 1.0)
+        low = self.values < -tol - 5 * np.maximum(self.stderr, 0)
+        if low.any() or (self.stderr < 0).any():
+            where = self.sigmas[low | (self.stderr < 0)]
+            raise JStarMismatch(f"{source}: negative J* or standard error at sigma = "
+                                f"{', '.join(sigma_key(x) for x in where[:3])}")
 
     def format(self) -> str:
         """A printable table: sigma, J*, standard error, the ratio to the data variance, and J*_up's columns."""

@@ -13,6 +13,7 @@ experiments created on a SQLite store go to `<db folder>/mlartifacts/<experiment
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -46,10 +47,26 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+_READY: set[str] = set()  # SQLite stores this process has opened (their schema exists)
 
-    return MlflowClient(tracking_uri=uri)
+
+def _client(uri: str):
+    """An MlflowClient. A SQLite store is first opened under an exclusive lock on `<db>.lock`: MLflow creates and
+    migrates the schema on first use, and two processes doing that at once leave a half-migrated, unusable file."""
+    from mlflow.tracking import MlflowClient  # mlflow: slow to import, only where the store is used
+
+    db = sqlite_path(uri)
+    if db is None or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)  # creates or migrates the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return client
 
 
 def git_commit() -> str:
@@ -88,10 +105,11 @@ class RunLogger:
     """One MLflow run, written from a background thread in batches; never raises into training."""
 
     def __init__(self, uri: str, run_id: str, pending_path: Path | None = None, skip_until_step: int = -1,
-                 flush_interval: float = 2.0, verbose: bool = True):
+                 flush_interval: float = 2.0, verbose: bool = True, attached: bool = True):
         self.uri, self.run_id = uri, run_id
         self.pending_path = pending_path
         self.skip_until_step = skip_until_step  # after a resume: steps already in the store are not sent again
+        self._attached = attached  # False: a resume while the store was down, completed by the thread later
         self.flush_interval = flush_interval
         self.verbose = verbose
         self._client = _client(uri)
@@ -124,15 +142,53 @@ class RunLogger:
 
     @classmethod
     def resume(cls, uri: str, run_id: str, **kwargs) -> "RunLogger":
-        """Continue an existing run; steps at or below its last logged `loss/train` step are not re-sent."""
+        """Continue an existing run; steps at or below its last logged `loss/train` step are not re-sent. With the
+        store unreachable, training goes on: everything is buffered and the thread attaches when it is back."""
+        logger = cls(uri, run_id, attached=False, **kwargs)
         try:
-            client = _client(uri)
-            history = client.get_metric_history(run_id, C.LOSS_TRAIN)
-            client.update_run(run_id, status="RUNNING")
+            attached = logger._attach()
+        except TrackingError:
+            logger._stop_thread()
+            raise
+        if not attached:
+            logger._say(f"cannot reach {uri} to resume MLflow run {run_id}; training continues, metrics are "
+                        f"buffered and sent when the store is back")
+        return logger
+
+    def _attach(self) -> bool:
+        """Resume the run in the store: its last logged step, status RUNNING; drop buffered steps it already has."""
+        try:
+            history = self._client.get_metric_history(self.run_id, C.LOSS_TRAIN)
+            self._client.update_run(self.run_id, status="RUNNING")
         except Exception as e:
-            raise TrackingError(f"cannot resume MLflow run {run_id} at {uri} ({type(e).__name__}: {e})") from None
-        last = max((m.step for m in history), default=-1)
-        return cls(uri, run_id, skip_until_step=last, **kwargs)
+            if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":  # answered, and the run is gone
+                raise TrackingError(f"cannot resume MLflow run {self.run_id} at {self.uri}: it does not exist "
+                                    f"(deleted?); use --restart or another --run-name") from None
+            return False
+        with self._cv:
+            self.skip_until_step = max((m.step for m in history), default=-1)
+            self._ops = deque(op for op in self._ops if op[0] != "metric" or op[4] > self.skip_until_step)
+            self._attached = True
+            self._cv.notify_all()
+        return True
+
+    def _attach_quietly(self) -> bool:
+        try:
+            return self._attach()
+        except TrackingError as e:  # the run vanished while training: say so, keep buffering
+            self._say(str(e))
+            return False
+
+    def _stop_thread(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def down(self) -> bool:
+        """The store did not answer the last attempt (a flush now would wait for nothing)."""
+        return self._down_since is not None or not self._attached
 
     # writing --------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -191,11 +247,8 @@ class RunLogger:
     def finish(self, status: str = "FINISHED", timeout: float = 300.0) -> bool:
         """Send what is queued, mark the run `status`, stop the thread. If the store stays unreachable for
         `timeout` seconds, the queued metrics go to `pending-metrics.json` (sent at the next start)."""
-        ok = self.flush(timeout)
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=30)
+        ok = self.flush(timeout) and self._attached
+        self._stop_thread()
         if ok:
             try:
                 self._client.set_terminated(self.run_id, status)
@@ -255,6 +308,8 @@ class RunLogger:
             if not batch:
                 continue
             try:
+                if not self._attached and not self._attach_quietly():
+                    raise ConnectionError("the run is not resumed in the store yet")
                 self._send(batch)
             except FileNotFoundError as e:  # an artifact that vanished: drop it, keep going
                 self._say(f"artifact skipped ({e})")

@@ -109,10 +109,34 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if r.class_conditional and dataset.labels is None:
         raise ConfigError(f"class_conditional: {dataset.spec.source} has no labels; use --unconditional")
     grid = parse_sigmas_checked(r.sigmas)
+    try:  # the resolution against the preset before any estimate
+        network_kwargs(r.preset, dataset.resolution, dataset.channels, dataset.num_classes if r.class_conditional else 0)
+    except ValueError as e:
+        raise ConfigError(f"preset: {e}") from None
     run = RunDir(Path(r.outdir) / r.experiment / r.run_name)
+    lock, new = None, None
+    if env.is_main:  # the run directory is this process's for the run's life; what a killed write left is removed
+        new = run.probe_writable()
+        lock = run.lock()
+        run.remove_stale_temporaries()
+    try:
+        return _train_locked(r, env, dataset, grid, run, echo)
+    finally:
+        if lock is not None:
+            if new is not None:  # e.g. a J* table of other data: no empty run directory is left behind
+                run.remove_if_unused(new)
+            lock.release()
+
+
+def _train_locked(r: TrainConfig, env: D.DistEnv, dataset, grid: np.ndarray, run: RunDir, echo) -> dict:
     prior = run.read_info() if run.exists() else None
     if prior is not None:
         _check_resume(r, prior, dataset, run)
+        if r.restart:
+            prior = dataclasses.replace(prior, mlflow_run_id=None) if env.is_main else prior
+            if env.is_main:
+                echo(f"restarting {run.path.name} from 0 images into a new MLflow run; its files of before are in "
+                     f"{run.set_aside()}")
     # J* before the process group: rank 0 estimates into the cache, the others wait for the file; on CPU
     # rank 0 takes every core meanwhile (torchrun gives each rank OMP_NUM_THREADS=1)
     threads = torch.get_num_threads()
@@ -414,7 +438,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         st.rng = D.gather_objects(env, rng)
         if env.is_main:
-            self.recorder.logger.flush(timeout=10)  # metrics before the checkpoint go to the store first
+            # what is sent within a second goes to the store first; the rest is saved in the checkpoint
+            self.recorder.logger.flush(timeout=0 if self.recorder.logger.down else 1.0)
             st.mlflow_run_id, st.pending_metrics = self.recorder.run_id, self.recorder.logger.pending()
             st.history = self.reporter.history.to_json()
             self.run_dir.save_checkpoint({
@@ -427,6 +452,11 @@ class Trainer:
     def _load_checkpoint(self) -> bool:
         """Restore the newest readable checkpoint (rank 0 chooses it for every rank); False when there is none."""
         found = self.run_dir.load_latest_checkpoint() if self.prior is not None else None
+        if found is None and self.env.is_main and self.run_dir.checkpoints():
+            names = ", ".join(p.name for _, p in self.run_dir.checkpoints())
+            raise TrainingError(f"{self.run_dir.path}: no checkpoint is readable ({names}); resuming would train from 0 "
+                                f"into MLflow run {self.prior.mlflow_run_id}. Rerun with --restart to start over into "
+                                f"a new MLflow run (the files move to previous-<time>/).")
         found = D.broadcast_object(self.env, None if found is None else str(found[1]))
         if found is None:
             return False

@@ -1,6 +1,9 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,39 @@ def trained(tmp_path_factory) -> Path:
     subprocess.run([EDM_OPT, "train", *args], cwd=cwd, check=True, capture_output=True, env=env)
     (run,) = list((cwd / "runs" / "edm-opt").iterdir())
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store under `folder`; start() and stop() at will."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                    str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                    "--artifacts-destination", str(folder / "server-artifacts")]
+        self.proc = None
+
+    def start(self) -> "MlflowServer":
+        self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        self.proc = None

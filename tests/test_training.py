@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY as TINY_OPTIONS, cli_args
+from conftest import TINY as TINY_OPTIONS, MlflowServer, cli_args
 from edm_opt.diffusion import sigma_grid, sigma_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,38 +212,10 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tracking_server_outage_loses_no_metric(tmp_path):
-    port = free_port()
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    server_cmd = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                  "--artifacts-destination", str(tmp_path / "server-artifacts")]
-
-    def start():
-        p = subprocess.Popen(server_cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return p
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(p):
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=60)
-
-    server = start()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    server = MlflowServer(tmp_path).start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
     args = TRAIN + TINY + ["--duration", "2048", "--status-every", "64", "--checkpoint-every", "1024",
                            "--snapshot-every", "2048"]
     train = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -253,28 +224,26 @@ def test_tracking_server_outage_loses_no_metric(tmp_path):
         while time.time() < deadline and not list((tmp_path / "runs").rglob("log.txt")):
             time.sleep(0.2)
         time.sleep(2)
-        stop(server)  # mid-run: the trainer keeps going and buffers
+        server.stop()  # mid-run: the trainer keeps going and buffers
         time.sleep(8)
         assert train.poll() is None, "training must not stop when the tracking server goes away"
-        server = start()
+        server.start()
         out, err = train.communicate(timeout=600)
         assert train.returncode == 0, err[-3000:]
         assert "unreachable" in err and "reachable again" in err
     finally:
         if train.poll() is None:
             train.kill()
-        stop(server)
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(f"http://127.0.0.1:{port}")
-    server = start()
+    c = MlflowClient(server.uri)
     try:
         (r,) = c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])
         assert r.info.status == "FINISHED"
         assert [m.step for m in c.get_metric_history(r.info.run_id, "loss/train")] == list(range(64, 2049, 64))
         assert len(c.get_metric_history(r.info.run_id, f"loss_x0/sigma_{sigma_key(80)}")) == 32
     finally:
-        stop(server)
+        server.stop()
 
 
 def test_default_status_interval_bounds_heldout_share():
