@@ -148,6 +148,12 @@ class TrainConfig:
     checkpoint_every: int | None = option(None, "Images between training-state checkpoints.",
                                           default_text="duration/16")
     heldout_per_sigma: int = option(64, "Held-out images per grid sigma.")
+    log_every: int | None = option(None, "Images between the cheap scalars in MLflow (loss/train, train/lr, "
+                                   "perf/img_per_s) and progress updates; whole batches.",
+                                   default_text="duration/256 in whole batches: a few hundred points per run")
+    log_per_sigma: str = option("gaps", "Per-sigma MLflow metrics: gaps (gap/ and loss_x0/ only, what a person charts) "
+                                "or all (also raw-weight and batch losses, stderr, J*, shares, p); per_sigma.json always "
+                                "holds everything.", choices=("gaps", "all"))
     # FID of snapshots during training (0 = off)
     fid_every: int = option(0, "Images between FID/KID evaluations of snapshots (0: off).")
     fid_images: int = option(256, "Generated images per FID/KID evaluation.")
@@ -165,8 +171,9 @@ class TrainConfig:
 
     # keys left out of the run-name hash and allowed to change on resume
     UNHASHED = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "fid_images",
-                "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device", "restart")
-    NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every")
+                "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device", "restart",
+                "log_every", "log_per_sigma")
+    NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "log_every")
     # keys added after runs existed, with the value that reproduces those runs: at that value (or None) they are
     # left out of the hash and of resume checks, so earlier runs keep their names and resume
     ADDED = {"opt_variant": "paper", "opt_gamma": None, "opt_clip_lo": None, "opt_clip_hi": None, "opt_tau": None}
@@ -196,7 +203,7 @@ class TrainConfig:
         if self.duration <= 0:
             raise ConfigError(f"{source}: duration must be positive")
         positive = ("batch", "batch_gpu", "heldout_per_sigma", "opt_refresh", "status_every", "snapshot_every",
-                    "checkpoint_every", "fid_images", "fid_ref_images", "lr", "resolution", "opt_warmup_count")
+                    "checkpoint_every", "log_every", "fid_images", "fid_ref_images", "lr", "resolution", "opt_warmup_count")
         for key in positive:
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -254,7 +261,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 # Resolution: every None filled from the preset, the data and the duration
 
-STATUS_POINTS, SNAPSHOT_POINTS, CHECKPOINT_POINTS = 64, 8, 16  # default intervals: duration / these
+STATUS_POINTS, SNAPSHOT_POINTS, CHECKPOINT_POINTS, LOG_POINTS = 64, 8, 16, 256  # default intervals: duration / these
 HELDOUT_SHARE = 0.05  # the default status interval keeps held-out evaluation under this share of the run
 FORWARD_COST = 1 / 3  # a held-out forward pass, in training images (forward + backward + optimiser step)
 
@@ -299,8 +306,10 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"batch_gpu {r.batch_gpu} must divide the per-rank batch {per_rank}")
     grid_size = len(parse_sigmas_checked(r.sigmas))
     status_points = min(STATUS_POINTS, max(1, int(r.duration // heldout_floor(grid_size, r.heldout_per_sigma))))
-    defaults = {"status_every": r.duration / status_points,
-                "snapshot_every": r.duration / SNAPSHOT_POINTS, "checkpoint_every": r.duration / CHECKPOINT_POINTS}
+    if r.log_every is not None and r.log_every % r.batch:
+        raise ConfigError(f"log_every {r.log_every} is not a whole number of batches of {r.batch} images")
+    defaults = {"status_every": r.duration / status_points, "snapshot_every": r.duration / SNAPSHOT_POINTS,
+                "checkpoint_every": r.duration / CHECKPOINT_POINTS, "log_every": r.duration / LOG_POINTS}
     for key, default in defaults.items():
         value = getattr(r, key) or default
         setattr(r, key, max(r.batch, int(round(value / r.batch)) * r.batch))

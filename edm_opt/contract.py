@@ -60,6 +60,17 @@ def sigma_metrics(family: str, sigmas, values, skip_nan: bool = False) -> dict[s
             if not (skip_nan and (v is None or math.isnan(v)))}
 
 
+SHOWN = (GAP, LOSS_X0)  # the per-sigma families that are MLflow metrics with --log-per-sigma gaps (the default)
+
+
+def shown(metrics: dict[str, float], layout: str) -> dict[str, float]:
+    """The metrics to send under a `--log-per-sigma` layout: every scalar, and per sigma all families ("all") or
+    only gap/ and loss_x0/ ("gaps"; the others stay in per_sigma.json)."""
+    if layout == "all":
+        return metrics
+    return {k: v for k, v in metrics.items() if "sigma_" not in k or k.startswith(SHOWN)}
+
+
 def sigma_keys(family: str, keys) -> list[str]:
     """The sigma keys (`"1.863"`) of a family's metric names among `keys`, in increasing sigma."""
     prefix = f"{family}sigma_"
@@ -111,6 +122,8 @@ TAG_DUPLICATE_OF = "edm_opt.duplicate_of"
 TAG_VERSION = "edm_opt.version"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
+TAG_SOURCE_NAME, TAG_SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
+TAG_SOURCE_COMMIT, TAG_USER = "mlflow.source.git.commit", "mlflow.user"
 
 PER_SIGMA_ARTIFACT = "per_sigma.json"
 JSTAR_ARTIFACT = "jstar.json"
@@ -209,7 +222,9 @@ class PerSigmaHistory:
         are read (one history per grid sigma each; loss_x0 always). Steps are those of loss_x0."""
         keys = sigma_keys(LOSS_X0, metrics)
         sigmas = [float(k) for k in keys]
-        jstar = [metrics.get(f"{JSTAR}sigma_{k}", math.nan) for k in keys]
+        # J* is a logged constant with --log-per-sigma all; with gaps only, loss_x0 - gap at the last status
+        jstar = [metrics[f"{JSTAR}sigma_{k}"] if f"{JSTAR}sigma_{k}" in metrics else
+                 metrics[f"{LOSS_X0}sigma_{k}"] - metrics.get(f"{GAP}sigma_{k}", math.nan) for k in keys]
         families = dict(zip(ROWS, (LOSS_X0, STDERR, LOSS_X0_RAW, LOSS_X0_BATCH, P_SIGMA, SHARE)))
         rows = {name: {k: dict(history(f"{family}sigma_{k}")) for k in keys if f"{family}sigma_{k}" in metrics}
                 for name, family in families.items() if name in rows or name == "loss_x0"}

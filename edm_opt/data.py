@@ -32,6 +32,7 @@ import torch
 
 from . import EdmOptError
 from .fileio import atomic_path
+from .progress import progress as progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -283,14 +284,12 @@ class _ZipFiles:
 
 def _load_image_collection(files, path: Path, progress: bool):
     from PIL import Image
-    from tqdm import tqdm
-
     names = files.names()
     image_names = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     if not image_names:
         raise DatasetError(f"{path}: no .png/.jpg images found")
     arrays, mode, size = [], None, None
-    for name in tqdm(image_names, desc=f"reading {path.name}", disable=not progress, unit="img"):
+    for name in progress_bar(image_names, desc=f"reading {path.name}", disable=not progress, unit="img"):
         try:
             with Image.open(io.BytesIO(files.read(name))) as im:
                 im.load()
@@ -417,13 +416,13 @@ def _preprocess(images: torch.Tensor, resolution: int | None) -> tuple[torch.Ten
 def write_edm_zip(dataset: ImageDataset, dest: str | os.PathLike, progress: bool = False) -> Path:
     """Write `dataset` as an EDM-style ZIP (atomically: a temporary file renamed into place)."""
     from PIL import Image
-    from tqdm import tqdm
 
     dest = Path(dest).expanduser().resolve()
     with atomic_path(dest) as tmp:
         names = []
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for i, im in enumerate(tqdm(dataset.images, desc=f"writing {dest.name}", disable=not progress, unit="img")):
+            for i, im in enumerate(progress_bar(dataset.images, desc=f"writing {dest.name}", disable=not progress,
+                                                unit="img")):
                 a = im.permute(1, 2, 0).numpy()
                 buf = io.BytesIO()
                 Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="png", compress_level=0)

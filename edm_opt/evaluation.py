@@ -26,6 +26,7 @@ from .plots import save_image_grid
 from .rundir import RunDir
 from .sampling import generate
 from .tracking import log_now, metric_history
+from .progress import progress as progress_bar
 
 
 class EvaluationError(EdmOptError, ValueError):
@@ -67,9 +68,7 @@ def generate_features(net, seeds: list[int], extractor, env: D.DistEnv, steps: i
     chunks = []
     batches = range(0, len(mine), batch)
     if progress and env.is_main:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="generate + embed", unit="batch")
+        batches = progress_bar(batches, desc="generate + embed", unit="batch")
     for i in batches:
         images, _ = generate(net, mine[i:i + batch], batch_size=batch, num_steps=steps, device=env.device)
         chunks.append(extract_features(images, extractor, batch_size=batch, device=env.device))

@@ -161,9 +161,8 @@ def _launch(sweep: Sweep, cell: Cell, parent: str, uri: str, log: Path) -> tuple
         cmd = cell_command(sweep, cell)
         f.write(shlex.join(cmd) + "\n")
         f.flush()
-        # progress bars in a log file: one update per 30 s, not thousands of carriage returns (tqdm reads TQDM_*)
-        env = {"TQDM_MININTERVAL": "30", **os.environ, **sweep.launch.env, "MLFLOW_TRACKING_URI": uri,
-               "PYTHONUNBUFFERED": "1"}
+        # off a terminal every progress bar is a plain line every 30 s (edm_opt.progress)
+        env = {**os.environ, **sweep.launch.env, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
         try:  # a session of its own: Ctrl-C reaches the sweep only, which then asks the cell once to stop
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     preexec_fn=die_with_parent)

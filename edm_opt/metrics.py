@@ -56,9 +56,9 @@ from typing import Callable, Iterable, Iterator, Union
 import numpy as np
 import torch
 from cleanfid.resize import build_resizer
-from tqdm import tqdm
 
 from edm_opt import EdmOptError
+from edm_opt.progress import progress as progress_bar
 from edm_opt.fileio import atomic_path
 
 __all__ = [
@@ -285,7 +285,7 @@ def extract_features(images: Images, extractor: FeatureExtractor | None = None, 
         extractor, _ = load_inception(device=dev)
     total = images.shape[0] if isinstance(images, torch.Tensor) else None
     out = []
-    with tqdm(total=total, unit="img", desc="features", disable=not progress) as bar:
+    with progress_bar(total=total, unit="img", desc="features", disable=not progress) as bar:
         for f in _feature_batches(images, extractor, batch_size, dev):
             out.append(f)
             bar.update(f.shape[0])
@@ -541,7 +541,7 @@ def reference_statistics(images_uint8: torch.Tensor, fingerprint: str, num_image
         minutes = (time.perf_counter() - start) * n / first.shape[0] / 60
         print(f"FID reference statistics of {fingerprint[:16]}: about {minutes:.1f} min for {n} images on "
               f"{_device_description(dev)}", file=sys.stderr, flush=True)
-    with tqdm(total=n, unit="img", desc="fid-refs", disable=not progress) as bar:
+    with progress_bar(total=n, unit="img", desc="fid-refs", disable=not progress) as bar:
         for f in itertools.chain([first], batches):
             moments.update(f)
             if sum(k.shape[0] for k in kept) < KID_FEATURES_CACHED:

@@ -37,6 +37,7 @@ import torch
 from . import EdmOptError, __version__
 from .diffusion import EDM_DENSITY, LogNormal, edm_weight, reference_total, sigma_key, target_factor
 from .fileio import write_json
+from .progress import progress as progress_bar
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")
 FORMAT_VERSION = 1
@@ -271,9 +272,7 @@ def estimate_optimal_loss(data: torch.Tensor, sigmas, estimator: str = "full", n
         plans.append((idx, m, size, corr))
     total_blocks = len(sigmas) * sum(math.ceil(m / QUERY_BLOCK) for _, m, _, _ in plans)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_blocks, desc=f"J* ({estimator})", unit="block", disable=not progress, leave=False)
+    bar = progress_bar(total=total_blocks, desc=f"J* ({estimator})", unit="block", disable=not progress, leave=False)
     t0 = time.perf_counter()
     means, stderrs = np.zeros(len(sigmas)), np.zeros(len(sigmas))
     points = [_Points(x if idx.numel() == n_total else x[idx], device) for idx, *_ in plans]
@@ -590,9 +589,7 @@ def estimate_upper_bound(data: torch.Tensor, sigmas, labels: torch.Tensor | None
     if min(idx.numel() for idx in groups) < 2:
         raise ValueError("J*_LOO needs at least two images in every class")
     plans = [(idx, max(1, round(num_samples * idx.numel() / n_total))) for idx in groups]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(sigmas) * sum(math.ceil(m / QUERY_BLOCK) for _, m in plans), desc="J*_up (LOO)",
+    bar = progress_bar(total=len(sigmas) * sum(math.ceil(m / QUERY_BLOCK) for _, m in plans), desc="J*_up (LOO)",
                unit="block", disable=not progress, leave=False)
     t1 = time.perf_counter()
     points = [_Points(x if idx.numel() == n_total else x[idx], device) for idx, _ in plans]

@@ -101,6 +101,19 @@ def plot_gap(history: dict, path: str | os.PathLike, title: str | None = None, m
     return save_figure(fig, path)
 
 
+def plot_gap_curve(sigmas, jstar, loss, stderr, nimg: int, path: str | os.PathLike) -> Path:
+    """One status's held-out gap per sigma on fixed axes (so the MLflow image slider shows it move)."""
+    fig, ax = figure(figsize=(6, 3.6))
+    gap = np.asarray(loss) - np.asarray(jstar)
+    ax.errorbar(sigmas, np.maximum(gap, 1e-7), yerr=2 * np.asarray(stderr), marker=".", capsize=2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="sigma (VE)", ylabel="gap J_sigma(theta) - J*_sigma", ylim=(1e-6, 2.0),
+           title=f"held-out gap at {nimg:,} images")
+    ax.grid(True, which="both", alpha=0.3)
+    return save_figure(fig, path, dpi=80)
+
+
 def save_image_grid(images, path: str | os.PathLike, columns: int | None = None) -> Path:
     """uint8 N x C x H x W images (C = 1 or 3) tiled into one PNG, written atomically."""
     from PIL import Image

@@ -17,23 +17,24 @@ LINE_INTERVAL_S = float(os.environ.get("EDM_OPT_PROGRESS_INTERVAL", 30))  # betw
 
 
 def progress(iterable=None, total: float | None = None, desc: str = "", unit: str = "it", disable: bool = False,
-             file=None, **kwargs):
+             file=None, initial: float = 0, **kwargs):
     """A tqdm bar when `file` (default stderr) is a terminal, else a `Lines` reporter with the same interface
-    (update, set_postfix, write, close, iteration, context manager)."""
+    (update, set_postfix, set_postfix_str, write, close, n, iteration, context manager); `kwargs` go to tqdm."""
     file = file or sys.stderr
     if disable or (hasattr(file, "isatty") and file.isatty()):
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=file, **kwargs)
-    return Lines(iterable, total, desc, unit, file)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=file, initial=initial, **kwargs)
+    return Lines(iterable, total, desc, unit, file, initial)
 
 
 class Lines:
     """Progress as one plain line every LINE_INTERVAL_S seconds and one at the end:
     `desc: 1234/5000 unit (25%), 41.2 unit/s, eta 1.5 min[, postfix]`."""
 
-    def __init__(self, iterable=None, total: float | None = None, desc: str = "", unit: str = "it", file=None):
+    def __init__(self, iterable=None, total: float | None = None, desc: str = "", unit: str = "it", file=None,
+                 initial: float = 0):
         self.iterable, self.desc, self.unit, self.file = iterable, desc, unit, file or sys.stderr
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix = 0, ""
+        self.n, self.initial, self.postfix = initial, initial, ""
         self.t0 = self.last = time.monotonic()
         self.closed = False
 
@@ -67,13 +68,13 @@ class Lines:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n:
+            if self.n > self.initial:
                 self._line()
 
     def _line(self) -> None:
         self.last = time.monotonic()
         elapsed = max(self.last - self.t0, 1e-9)
-        rate = self.n / elapsed
+        rate = (self.n - self.initial) / elapsed
         parts = [f"{self.desc}: {self.n:g}" + (f"/{self.total:g}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"

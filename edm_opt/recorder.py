@@ -5,6 +5,7 @@ held-out evaluation's metrics, the per-sigma history and the status line (`Statu
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import sys
@@ -17,10 +18,10 @@ import torch
 from . import __version__
 from . import contract as C
 from .compute import count_parameters, flops_per_image
-from .config import TrainConfig, flatten, format_nimg
+from .config import TrainConfig, describe_schedule, flatten, format_nimg
 from .fileio import write_json
 from .heldout import negative_gaps, per_sigma_metrics
-from .plots import plot_gap, save_image_grid
+from .plots import plot_gap, plot_gap_curve, save_image_grid
 from .rundir import RunDir
 from .tracking import RunLogger, default_tracking_uri, git_commit
 
@@ -81,9 +82,13 @@ class RunRecorder:
 
     def _create(self, uri: str, pending_path: Path) -> None:
         r, jstar = self.r, self.jstar
+        commit = git_commit()
         tags = {C.TAG_FINGERPRINT: self.dataset.fingerprint, C.TAG_JSTAR_SHA: sha256(self.jstar_path),
-                C.TAG_GIT_COMMIT: git_commit(), C.TAG_SCHEDULE: r.schedule, C.TAG_PRESET: r.preset,
-                C.TAG_DURATION: r.duration, C.TAG_RUN_DIR: str(self.run_dir.path)}
+                C.TAG_GIT_COMMIT: commit, C.TAG_SCHEDULE: r.schedule, C.TAG_PRESET: r.preset,
+                C.TAG_DURATION: r.duration, C.TAG_RUN_DIR: str(self.run_dir.path),
+                # MLflow's own lineage fields: the run page's Source, Created by and description
+                C.TAG_SOURCE_NAME: "edm-opt train", C.TAG_SOURCE_TYPE: "LOCAL", C.TAG_SOURCE_COMMIT: commit,
+                C.TAG_USER: getpass.getuser(), C.TAG_NOTE: self.description()}
         optional = {C.TAG_VARIANT: r.opt_variant, C.TAG_SWEEP: r.parent_run_id, C.TAG_CELL_HASH: r.cell_hash}
         tags.update({k: v for k, v in optional.items() if v})
         self.logger = RunLogger.create(uri, r.experiment, r.run_name, tags, r.parent_run_id, pending_path=pending_path)
@@ -97,10 +102,25 @@ class RunRecorder:
                      **C.sigma_metrics(C.JSTAR, jstar.sigmas, jstar.values)}
         if jstar.upper is not None:
             constants.update(C.sigma_metrics(C.JSTAR_UP, jstar.sigmas, jstar.upper.values))
-        self.logger.log_metrics(constants, step=0)
+        self.logger.log_metrics(C.shown(constants, r.log_per_sigma), step=0)
+        ds = self.dataset
+        self.logger.log_dataset(Path(ds.spec.source).name, ds.fingerprint, {**ds.spec.to_dict(),
+                                "fingerprint": ds.fingerprint}, {"count": ds.num_images, "resolution": ds.resolution,
+                                "channels": ds.channels, "preprocessing": ds.preprocessing})
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self.logger.log_artifact(write_json(self.run_dir.path / C.CONFIG_ARTIFACT, r.to_dict()))
         self.logger.log_artifact(jstar.save(self.run_dir.path / C.JSTAR_ARTIFACT))
+
+    def description(self) -> str:
+        """The run page's description: what ran, and which metric to look at first."""
+        r, ds, grid = self.r, self.dataset, self.jstar.sigmas
+        near_one = C.sigma_metric(C.GAP, grid[int(np.argmin(np.abs(np.log(grid))))])
+        return (f"{r.preset} ({self.param_count:,} parameters) trained on {Path(ds.spec.source).name} "
+                f"({ds.num_images:,} images, {ds.channels}x{ds.resolution}x{ds.resolution}, {ds.preprocessing}) with "
+                f"the {describe_schedule(r)} schedule for {format_nimg(r.duration)} images. Step = training images "
+                f"seen. Look first at {near_one} (the held-out gap J_sigma(theta) - J*_sigma near sigma = 1) and "
+                f"{C.GAP_REF}; chart them against {C.FLOPS_TOTAL} to compare runs at equal compute. Per-sigma "
+                f"curves: the 'gap_curve' images, or {C.PER_SIGMA_ARTIFACT} and {C.GAP_PLOT} in the artifacts.")
 
     def history(self, checkpoint_history: dict | None, nimg: int) -> C.PerSigmaHistory | None:
         """The per-sigma history to continue from: the checkpoint's, else (checkpoints from before it travelled in
@@ -141,11 +161,12 @@ class StatusReporter:
         sigmas, jstar = self.jstar.sigmas, self.jstar.values
         m = per_sigma_metrics(sigmas, ema_loss, ema_se, jstar, raw_loss)
         m.update(schedule.status_metrics(logvar_grid))
-        m.update({C.LOSS_TRAIN: train_loss, C.LR: lr, C.IMG_PER_S: img_per_s,
-                  C.FLOPS_TOTAL: float(self.recorder.flops_per_image) * nimg, **system_metrics(device)})
-        self.recorder.log_metrics(m, step=nimg)
+        m.update({C.FLOPS_TOTAL: float(self.recorder.flops_per_image) * nimg, **system_metrics(device)})
+        self.recorder.log_metrics(C.shown(m, self.r.log_per_sigma), step=nimg)
         self.history.append(nimg, m[C.LOSS_REF], m[C.FLOPS_TOTAL], loss_x0=ema_loss, stderr=ema_se,
                             loss_x0_raw=raw_loss, **schedule.history_row(logvar_grid))
+        curve = plot_gap_curve(sigmas, jstar, ema_loss, ema_se, nimg, self.run_dir.path / "gap-curve.png")
+        self.recorder.logger.log_image(curve, "gap_curve", nimg)
         self._warn_starved(nimg, schedule.starved(logvar_grid))
         bad = negative_gaps(sigmas, ema_loss, ema_se, jstar)
         if bad:
@@ -193,5 +214,6 @@ def save_snapshot(run_dir: RunDir, recorder: RunRecorder, history: C.PerSigmaHis
         recorder.logger.log_artifact(plot_gap(history.to_json(), run_dir.path / C.GAP_PLOT, title=title))
     grid = save_image_grid(samples, run_dir.path / f"samples-{nimg:09d}.png")
     recorder.logger.log_artifact(grid, C.SAMPLES_DIR)
+    recorder.logger.log_image(grid, C.SAMPLES_DIR, nimg)
     run_dir.log(f"snapshot {path.name}")
     return path

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .progress import progress as progress_bar
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -140,8 +142,7 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], batch_size: int = 
     seeds = list(seeds)
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, unit="batch", desc="generate")
+        batches = progress_bar(batches, unit="batch", desc="generate")
     images, labels = [], []
     with eval_mode(denoiser):
         for batch_seeds in batches:

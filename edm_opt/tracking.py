@@ -14,6 +14,7 @@ experiments created on a SQLite store go to `<db folder>/mlartifacts/<experiment
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import math
 import os
@@ -220,6 +221,24 @@ class RunLogger:
             self._ops.append(("artifact", str(path), artifact_path))
             self._cv.notify()
 
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """Queue a PNG as an MLflow image under `key` at `step` (the UI's image panel shows it with a step slider);
+        read now, so the file may be rewritten for the next step."""
+        if step <= self.skip_until_step:
+            return
+        data = Path(path).read_bytes()
+        with self._cv:
+            self._ops.append(("image", data, key, int(step)))
+            self._cv.notify()
+
+    def log_dataset(self, name: str, digest: str, source: dict, profile: dict, context: str = "training") -> None:
+        """The run's dataset as an MLflow input (the run page's Dataset field), synchronously, once."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps(source),
+                     profile=json.dumps(profile))
+        self._client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
     def pending(self) -> list:
         """Metrics not yet sent, as primitive lists (what a checkpoint stores)."""
         with self._cv:
@@ -293,6 +312,12 @@ class RunLogger:
             from mlflow.entities import RunTag
 
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch[0][1].items()])
+        elif kind == "image":
+            from PIL import Image
+
+            _, data, key, step = batch[0]
+            with Image.open(io.BytesIO(data)) as im:
+                self._client.log_image(self.run_id, im.copy(), key=key, step=step, synchronous=True)
         else:
             self._client.log_artifact(self.run_id, batch[0][1], batch[0][2])
 

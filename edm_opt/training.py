@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from . import EdmOptError
 from . import contract as C
@@ -37,6 +38,7 @@ from .heldout import HeldOutSet, heldout_losses
 from .networks import get_preset
 from .networks.presets import ARCHITECTURES, network_kwargs
 from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
+from .progress import progress as progress_bar
 from .recorder import RunRecorder, StatusReporter, plain, save_snapshot
 from .rundir import RunDir
 from .sampling import generate
@@ -184,6 +186,27 @@ class TrainState:
     history: dict | None = None  # contract.PerSigmaHistory.to_json()
 
 
+class Meter:
+    """Loss and throughput over one interval on this rank: summed per step, all-reduced and reset when read."""
+
+    def __init__(self):
+        self.sums = torch.zeros(2, dtype=torch.float64)  # per-sample losses, samples
+        self.images, self.seconds = 0, 0.0
+
+    def add(self, loss_sum: float, samples: int, images: int, seconds: float) -> None:
+        self.sums += torch.tensor([loss_sum, float(samples)], dtype=torch.float64)
+        self.images += images
+        self.seconds += seconds
+
+    def read(self, all_reduce) -> tuple[float, float]:
+        """(mean per-sample loss over every rank, images per second of training steps)."""
+        all_reduce(self.sums)
+        out = self.sums[0].item() / max(self.sums[1].item(), 1), self.images / max(self.seconds, 1e-9)
+        self.sums.zero_()
+        self.images, self.seconds = 0, 0.0
+        return out
+
+
 class Trainer:
     """One rank's training run: network, schedule, EMAs, optimiser and data order, built in __init__; `run` resumes
     from the newest checkpoint and loops (step, status, snapshot, FID, checkpoint) to the duration."""
@@ -280,7 +303,9 @@ class Trainer:
                                     self.net_kwargs, self.preset.arch, self.schedule, self.device)
         self.recorder.start(self.state.pending_metrics if resumed else None)
         history = self.recorder.history(self.state.history, self.nimg) if resumed else None
-        self.reporter = StatusReporter(r, self.jstar, self.jstar_path, self.run_dir, self.recorder, history, self.echo)
+        self.bar = progress_bar(total=r.duration, initial=self.nimg, desc="train", unit="img", unit_scale=True)
+        self.say = self.bar.write if isinstance(self.bar, tqdm) else self.echo  # lines above a live bar
+        self.reporter = StatusReporter(r, self.jstar, self.jstar_path, self.run_dir, self.recorder, history, self.say)
         self.echo(f"run {r.run_name}: {self.recorder.param_count:,} parameters, "
                   f"{self.recorder.flops_per_image / 1e6:.2f} MFLOP/img (fwd+bwd), schedule {describe_schedule(r)}, "
                   f"{format_nimg(r.duration)} images, batch {r.batch}, {self.env.world_size} rank(s) on "
@@ -297,8 +322,7 @@ class Trainer:
 
     def _loop(self) -> dict:
         r, env, st = self.r, self.env, self.state
-        img_interval, train_time = 0, 0.0
-        loss_acc = torch.zeros(2, dtype=torch.float64)  # sum of per-sample losses, count (this rank)
+        status, log = Meter(), Meter()  # the status line's interval and the cheap scalars' (log_every)
         t_start, nimg_at_start = time.perf_counter(), st.nimg
         while st.nimg < r.duration:
             # step
@@ -313,24 +337,29 @@ class Trainer:
                 ema.update(self.net, st.step, st.nimg, r.batch)
             self.schedule.observe(sig, err)
             self.schedule.after_step(st.step, self.all_reduce)
-            loss_acc += torch.tensor([loss_sum, float(len(sig))], dtype=torch.float64)
             flags = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0, 1.0 if self.stop_signal else 0.0])
             self._all_reduce(flags)
             if flags[0] > 0:
                 self._nonfinite(sig, err, lr)
-            train_time += time.perf_counter() - t0
-            self.timers["steps"] += time.perf_counter() - t0
-            img_interval += r.batch
+            seconds = time.perf_counter() - t0
+            self.timers["steps"] += seconds
+            for meter in (status, log):
+                meter.add(loss_sum, len(sig), r.batch, seconds)
             done, stopping = st.nimg >= r.duration, flags[1] > 0
             # status. On a stop, only the checkpoint: an extra held-out evaluation could outlast torchrun's 30 s
             # grace between SIGTERM and SIGKILL on busy cores, leaving the run RUNNING without its KILLED status.
             if self._crossed(r.status_every) or done:
-                self._all_reduce(loss_acc)
                 elapsed = time.perf_counter() - t_start
-                self._status(lr, loss_acc[0].item() / max(loss_acc[1].item(), 1), img_interval / max(train_time, 1e-9),
-                             elapsed, elapsed / max(st.nimg - nimg_at_start, 1) * (r.duration - st.nimg))
-                loss_acc.zero_()
-                img_interval, train_time = 0, 0.0
+                loss, img_per_s = status.read(self._all_reduce)
+                self._status(lr, loss, img_per_s, elapsed, elapsed / max(st.nimg - nimg_at_start, 1) *
+                             (r.duration - st.nimg))
+            # the cheap scalars after the status: loss/train is the last key of a step (what a resume reads)
+            if self._crossed(r.log_every) or done:
+                loss, img_per_s = log.read(self._all_reduce)
+                if env.is_main:
+                    self.recorder.log_metrics({C.LR: lr, C.IMG_PER_S: img_per_s, C.LOSS_TRAIN: loss}, step=st.nimg)
+                    self.bar.update(st.nimg - self.bar.n)
+                    self.bar.set_postfix_str(f"loss {loss:.4f}, {img_per_s:.0f} img/s")
             # snapshot, FID, checkpoint
             if self._crossed(r.snapshot_every) or done:
                 with self._timed("snapshots"):
@@ -344,8 +373,10 @@ class Trainer:
             if stopping:
                 self.stop_signal = self.stop_signal or signal.SIGTERM
                 if env.is_main:
-                    self.echo(f"stopped at {format_nimg(st.nimg)} images; re-run the same command to resume")
+                    self.say(f"stopped at {format_nimg(st.nimg)} images; re-run the same command to resume")
                 break
+        if env.is_main:
+            self.bar.close()
         total = sum(self.timers.values())
         if env.is_main and total > 0:
             self.echo("time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.timers.items()))
@@ -426,7 +457,7 @@ class Trainer:
             self.recorder.logger.set_tags({C.TAG_FID_SHA: self.fid.sha})
             line = (f"{format_nimg(self.nimg):>8} img  FID {m[C.FID]:.3f}  KID {m[C.KID]:.5f} "
                     f"({m[C.FID_NUM_IMAGES]} images)")
-            self.echo(line)
+            self.say(line)
             self.run_dir.log(line)
 
     # checkpoints ----------------------------------------------------------------------------------

@@ -52,37 +52,39 @@ def run_dir(cwd) -> Path:
 
 @pytest.mark.parametrize("schedule", ["edm2", "optimal", "edm", "fm"])
 def test_short_run_logs_the_naming_contract(tmp_path, schedule):
-    run(TRAIN + TINY + ["--schedule", schedule], tmp_path)
+    every = schedule == "optimal"  # one run logs every per-sigma family (--log-per-sigma all), the others the default
+    run(TRAIN + TINY + ["--schedule", schedule] + (["--log-per-sigma", "all"] if every else []), tmp_path)
     c, r = only_run(tmp_path)
     assert r.info.status == "FINISHED"
     m = r.data.metrics
+    grid = sigma_grid(0.002, 80, 5)
     keys = ["loss/train", "loss/ref_total", "jstar/ref_total", "gap/ref_total", "model/param_count",
             "compute/flops_per_image", "compute/flops_total", "perf/img_per_s", "train/lr"]
-    for s in sigma_grid(0.002, 80, 5):
-        k = sigma_key(s)
-        keys += [f"loss_x0/sigma_{k}", f"loss_x0_raw/sigma_{k}", f"gap/sigma_{k}", f"jstar/sigma_{k}",
-                 f"stderr/sigma_{k}"]
-    keys += [f"loss_x0_batch/sigma_{sigma_key(sigma_grid(0.002, 80, 5)[2])}"]  # a central bin: always sampled
-    keys += [f"sched/share_sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]  # every schedule
+    keys += [f"{family}/sigma_{sigma_key(s)}" for s in grid for family in ("loss_x0", "gap")]
+    hidden = [f"{family}sigma_{sigma_key(s)}" for s in grid for family in
+              ("loss_x0_raw/", "jstar/", "stderr/", "sched/share_")]
+    hidden += [f"loss_x0_batch/sigma_{sigma_key(grid[2])}"]  # a central bin: always sampled
     if schedule == "optimal":  # the default variant, floor: p and J*_up
-        keys += [f"sched/p_sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]
-        keys += [f"jstar_up/sigma_{sigma_key(s)}" for s in sigma_grid(0.002, 80, 5)]
-    missing = [k for k in keys if k not in m]
+        hidden += [f"sched/p_sigma_{sigma_key(s)}" for s in grid] + [f"jstar_up/sigma_{sigma_key(s)}" for s in grid]
+    missing = [k for k in keys + (hidden if every else []) if k not in m]
     assert not missing, missing
+    assert every or not [k for k in hidden if k in m]  # the default layout keeps them in per_sigma.json only
     assert m["gap/ref_total"] == pytest.approx(m["loss/ref_total"] - m["jstar/ref_total"])
-    assert steps(c, r.info.run_id, "loss/train") == [128, 256, 384, 512]
+    assert steps(c, r.info.run_id, "loss/ref_total") == [128, 256, 384, 512]  # the held-out status cadence
+    assert steps(c, r.info.run_id, "loss/train") == list(range(32, 513, 32))  # the cheap scalars: every batch here
     assert m["compute/flops_total"] == pytest.approx(512 * m["compute/flops_per_image"])
     assert m["model/param_count"] == 75_368  # edm2-nano (README, docs/results): parameters() only
     tags = r.data.tags
     for t in ("edm_opt.dataset_fingerprint", "edm_opt.jstar_sha256", "edm_opt.git_commit", "edm_opt.schedule",
-              "edm_opt.preset"):
+              "edm_opt.preset", "mlflow.source.git.commit", "mlflow.source.name", "mlflow.user"):
         assert tags.get(t), t
+    assert "Step = training images seen" in tags["mlflow.note.content"] and "gap/sigma_0.4" in tags["mlflow.note.content"]
+    (dataset,) = r.inputs.dataset_inputs
+    assert dataset.dataset.digest == tags["edm_opt.dataset_fingerprint"][:36] and dataset.dataset.name == "digits"
     assert tags["edm_opt.schedule"] == schedule and r.data.params["schedule"] == schedule
     if schedule == "optimal":
         assert tags["edm_opt.opt_variant"] == r.data.params["opt_variant"] == "floor"
         assert r.data.params["opt_gamma"] == "1.0" and r.data.params["schedule.variant"] == "floor"
-    shares = [m[f"sched/share_sigma_{sigma_key(s)}"] for s in sigma_grid(0.002, 80, 5)]
-    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
     d = run_dir(tmp_path)
     assert [p.name for p in sorted(d.glob("snapshot-*.pt"))] == ["snapshot-000000256.pt", "snapshot-000000512.pt"]
     assert len(list(d.glob("checkpoint-*.pt"))) == 2  # rotating: the last two
@@ -90,9 +92,15 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     assert snap["nimg"] == 512 and snap["network"]["preset"] == "edm2-nano"
     hist = json.loads((d / "per_sigma.json").read_text())
     assert hist["nimg"] == [128, 256, 384, 512] and len(hist["loss_x0"][0]) == 5
-    assert len(hist["share"]) == 4 and hist["share"][-1] == pytest.approx(shares)
+    assert len(hist["share"]) == 4 and sum(hist["share"][-1]) == pytest.approx(1.0) and min(hist["share"][-1]) >= 0
+    if every:
+        assert hist["share"][-1] == pytest.approx([m[f"sched/share_sigma_{sigma_key(s)}"] for s in grid])
     arts = {a.path for a in c.list_artifacts(r.info.run_id)}
-    assert {"per_sigma.json", "config.json", "jstar.json", "gap.png", "samples"} <= arts
+    assert {"per_sigma.json", "config.json", "jstar.json", "gap.png", "samples", "images"} <= arts
+    images = [a.path.split("/")[-1] for a in c.list_artifacts(r.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(i.split("+step+")[1].split("+")[0]) for i in images if i.startswith("gap_curve")) == \
+        [128, 256, 384, 512]  # the gap curve at every status, and the sample grid at every snapshot
+    assert sorted(int(i.split("+step+")[1].split("+")[0]) for i in images if i.startswith("samples")) == [256, 512]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
@@ -121,9 +129,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert "resuming" in out.stdout
     c, r1 = only_run(killed)
     assert r1.info.run_id == r0.info.run_id and r1.info.status == "FINISHED"
-    for key in ("loss/train", f"loss_x0/sigma_{sigma_key(80)}", "sched/p_sigma_80"):
+    for key, every in (("loss/ref_total", 128), (f"loss_x0/sigma_{sigma_key(80)}", 128), ("loss/train", 32)):
         s = steps(c, r1.info.run_id, key)
-        assert s == sorted(set(s)) == list(range(128, 1025, 128)), (key, s)
+        assert s == sorted(set(s)) == list(range(every, 1025, every)), (key, s)  # no step twice, none missing
     a = torch.load(run_dir(straight) / "snapshot-000001024.pt", weights_only=True)["net"]
     b = torch.load(d / "snapshot-000001024.pt", weights_only=True)["net"]
     for k in a:
@@ -149,7 +157,8 @@ def test_torchrun_two_ranks_logs_once(tmp_path):
               env={"OMP_NUM_THREADS": "1"})
     c, r = only_run(tmp_path)
     assert r.info.status == "FINISHED"
-    assert steps(c, r.info.run_id, "loss/train") == [128, 256, 384, 512]  # once per step, not twice
+    assert steps(c, r.info.run_id, "loss/ref_total") == [128, 256, 384, 512]  # once per step, not twice
+    assert steps(c, r.info.run_id, "loss/train") == list(range(32, 513, 32))
     assert out.stdout.count("run edm2-nano-optimal") == 1
     assert "2 rank(s)" in out.stdout
 
@@ -204,6 +213,9 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
     fails(TINY + ["--schedule", "optimal", "--opt-gamma", "-1"], "opt_gamma")
     fails(TINY + ["--schedule", "optimal", "--opt-clip-lo", "4", "--opt-clip-hi", "2"], "opt_clip_lo")
     fails(TINY + ["--schedule", "edm2", "--opt-variant", "floor"], "opt_variant")
+    fails(TINY + ["--log-every", "0"], "log_every must be positive")
+    fails(TINY + ["--log-every", "48"], "log_every 48 is not a whole number of batches of 32")
+    fails(TINY + ["--log-per-sigma", "some"], "some")
     assert not (tmp_path / "runs").exists()  # nothing started
     run(TRAIN + TINY + ["--duration", "128", "--run-name", "r1"], tmp_path)
     fails(TINY + ["--duration", "256", "--run-name", "r1", "--lr", "0.5"], "'lr'")
@@ -240,7 +252,8 @@ def test_tracking_server_outage_loses_no_metric(tmp_path):
     try:
         (r,) = c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])
         assert r.info.status == "FINISHED"
-        assert [m.step for m in c.get_metric_history(r.info.run_id, "loss/train")] == list(range(64, 2049, 64))
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "loss/ref_total")] == list(range(64, 2049, 64))
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "loss/train")] == list(range(32, 2049, 32))
         assert len(c.get_metric_history(r.info.run_id, f"loss_x0/sigma_{sigma_key(80)}")) == 32
     finally:
         server.stop()
