@@ -151,6 +151,9 @@ class TrainConfig:
     log_every: int | None = option(None, "Images between the cheap scalars in MLflow (loss/train, train/lr, "
                                    "perf/img_per_s) and progress updates; whole batches.",
                                    default_text="duration/256 in whole batches: a few hundred points per run")
+    system_metrics: bool | None = option(
+        None, "MLflow's system-metrics monitor on rank 0 (CPU, memory, disk, network; GPU with nvidia-ml-py), every "
+        "10 s, in the run's System metrics tab.", default_text="on with a tracking server, off on a SQLite store")
     log_per_sigma: str = option("gaps", "Per-sigma MLflow metrics: gaps (gap/ and loss_x0/ only, what a person charts) "
                                 "or all (also raw-weight and batch losses, stderr, J*, shares, p); per_sigma.json always "
                                 "holds everything.", choices=("gaps", "all"))
@@ -172,7 +175,7 @@ class TrainConfig:
     # keys left out of the run-name hash and allowed to change on resume
     UNHASHED = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "fid_images",
                 "fid_ref_images", "outdir", "experiment", "run_name", "parent_run_id", "cell_hash", "device", "restart",
-                "log_every", "log_per_sigma")
+                "log_every", "log_per_sigma", "system_metrics")
     NIMG_KEYS = ("duration", "status_every", "snapshot_every", "checkpoint_every", "fid_every", "log_every")
     # keys added after runs existed, with the value that reproduces those runs: at that value (or None) they are
     # left out of the hash and of resume checks, so earlier runs keep their names and resume

@@ -23,7 +23,7 @@ from .fileio import write_json
 from .heldout import negative_gaps, per_sigma_metrics
 from .plots import plot_gap, plot_gap_curve, save_image_grid
 from .rundir import RunDir
-from .tracking import RunLogger, default_tracking_uri, git_commit
+from .tracking import RunLogger, default_tracking_uri, git_commit, sqlite_path
 
 
 def sha256(path: Path) -> str:
@@ -72,6 +72,8 @@ class RunRecorder:
             self.logger.set_tags({C.TAG_DURATION: r.duration})
         else:
             self._create(uri, pending_path)
+        if r.system_metrics or (r.system_metrics is None and sqlite_path(uri) is None):
+            self.logger.start_system_metrics(resume=bool(run_id))
         self.run_dir.write_info(C.RunInfo(
             config=r.to_dict(), data={**self.dataset.spec.to_dict(), "fingerprint": self.dataset.fingerprint},
             network={"arch": self.arch, "preset": r.preset, "kwargs": plain(self.net_kwargs)},

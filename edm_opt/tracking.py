@@ -121,6 +121,7 @@ class RunLogger:
         self._sent = 0
         self._thread = threading.Thread(target=self._worker, name="edm-opt-mlflow", daemon=True)
         self._thread.start()
+        self._monitor = None
         if pending_path is not None and pending_path.exists():
             self.restore_pending(json.loads(pending_path.read_text()))
             pending_path.unlink()
@@ -231,6 +232,21 @@ class RunLogger:
             self._ops.append(("image", data, key, int(step)))
             self._cv.notify()
 
+    def start_system_metrics(self, interval_s: float = 10.0, resume: bool = False) -> bool:
+        """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) in its own thread,
+        logging `system/*` into this run; False (and a line on stderr) if it cannot start."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=resume,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+            return True
+        except Exception as e:
+            self._say(f"system metrics not monitored ({type(e).__name__}: {e})")
+            self._monitor = None
+            return False
+
     def log_dataset(self, name: str, digest: str, source: dict, profile: dict, context: str = "training") -> None:
         """The run's dataset as an MLflow input (the run page's Dataset field), synchronously, once."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -266,6 +282,11 @@ class RunLogger:
     def finish(self, status: str = "FINISHED", timeout: float = 300.0) -> bool:
         """Send what is queued, mark the run `status`, stop the thread. If the store stays unreachable for
         `timeout` seconds, the queued metrics go to `pending-metrics.json` (sent at the next start)."""
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:
+                pass
         ok = self.flush(timeout) and self._attached
         self._stop_thread()
         if ok:
