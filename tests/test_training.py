@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY as TINY_OPTIONS, MlflowServer, cli_args
+from edm_opt.contract import P_SIGMA, PER_SIGMA_ARTIFACT, PerSigmaHistory
 from edm_opt.diffusion import sigma_grid, sigma_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,5 +298,8 @@ def test_every_variant_trains_and_logs_its_constants(tmp_path):
     start = torch.load(sorted((d / "paper").glob("checkpoint-*.pt"))[-1], weights_only=True)["net"]
     end = torch.load(sorted((d / "edm2-tilt").glob("checkpoint-*.pt"))[-1], weights_only=True)["net"]
     assert torch.equal(start["logvar_linear.weight"], end["logvar_linear.weight"]) is False
-    p = [tilt.metrics[f"sched/p_sigma_{sigma_key(s)}"] for s in sigma_grid(0.002, 80, 5)]
-    assert sum(p) == pytest.approx(1.0) and max(p) != min(p)
+    # p is in the per-sigma artifact (--log-per-sigma gaps, the default, keeps it out of the metrics)
+    assert not any(k.startswith(P_SIGMA) for k in tilt.metrics)
+    hist = PerSigmaHistory.from_json(json.loads((d / "edm2-tilt" / PER_SIGMA_ARTIFACT).read_text()))
+    p = hist.p_sigma[-1]
+    assert len(p) == len(hist.sigmas) and sum(p) == pytest.approx(1.0) and max(p) != min(p)
