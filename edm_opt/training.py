@@ -359,7 +359,7 @@ class Trainer:
                 if env.is_main:
                     self.recorder.log_metrics({C.LR: lr, C.IMG_PER_S: img_per_s, C.LOSS_TRAIN: loss}, step=st.nimg)
                     self.bar.update(st.nimg - self.bar.n)
-                    self.bar.set_postfix_str(f"loss {loss:.4f}, {img_per_s:.0f} img/s")
+                    self.bar.set_postfix_str(f"loss {loss:.4f}, steps alone {img_per_s:.0f} img/s")
             # snapshot, FID, checkpoint
             if self._crossed(r.snapshot_every) or done:
                 with self._timed("snapshots"):

@@ -226,6 +226,37 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_running(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_on_a_tracking_server_at_default_cadences(tmp_path):
+    """What the MLflow UI gets from a 4Ki run at the default --log-every and --log-per-sigma, on a real server."""
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path).start()
+    try:
+        # the default --log-every (duration/256, whole batches) and --log-per-sigma; fewer snapshots than default
+        options = cli_args({**TINY_OPTIONS, "duration": 4096, "status_every": 1024, "snapshot_every": 2048})
+        run(TRAIN + options, tmp_path, env={"MLFLOW_TRACKING_URI": server.uri})
+        c = MlflowClient(server.uri)
+        (r,) = c.search_runs([c.get_experiment_by_name("edm-opt").experiment_id])
+        assert r.info.status == "FINISHED"
+        train = steps(c, r.info.run_id, "loss/train")
+        assert len(train) >= 50 and train == sorted(train) and all(s % 32 == 0 for s in train)  # whole batches
+        assert steps(c, r.info.run_id, "train/lr") == train == steps(c, r.info.run_id, "perf/img_per_s")
+        status = steps(c, r.info.run_id, "loss/ref_total")
+        images = [a.path.split("/")[-1] for a in c.list_artifacts(r.info.run_id, "images") if a.path.endswith(".png")]
+        assert sorted(int(i.split("+step+")[1].split("+")[0]) for i in images if i.startswith("gap_curve")) == status
+        assert [i for i in images if i.startswith("samples+step+4096+")]  # the final snapshot's grid
+        tags = r.data.tags
+        (dataset,) = r.inputs.dataset_inputs
+        assert dataset.dataset.digest == tags["edm_opt.dataset_fingerprint"][:36]
+        assert tags["mlflow.source.name"] == "edm-opt train" and tags["mlflow.user"]
+        assert tags["mlflow.source.git.commit"] == tags["edm_opt.git_commit"]
+        assert tags["mlflow.note.content"].startswith("edm2-nano (75,368 parameters) trained on digits (1,797 images")
+        assert not [k for k in r.data.metrics if k.startswith(("jstar/sigma_", "stderr/", "loss_x0_raw/"))]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 def test_tracking_server_outage_loses_no_metric(tmp_path):
     server = MlflowServer(tmp_path).start()
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
