@@ -118,7 +118,8 @@ class RunRecorder:
         r, ds, grid = self.r, self.dataset, self.jstar.sigmas
         near_one = C.sigma_metric(C.GAP, grid[int(np.argmin(np.abs(np.log(grid))))])
         return (f"{r.preset} ({self.param_count:,} parameters) trained on {Path(ds.spec.source).name} "
-                f"({ds.num_images:,} images, {ds.channels}x{ds.resolution}x{ds.resolution}, preprocessing {ds.preprocessing}) with "
+                f"({ds.num_images:,} images, {ds.channels}x{ds.resolution}x{ds.resolution}, "
+                f"preprocessing {ds.preprocessing}) with "
                 f"the {describe_schedule(r)} schedule for {format_nimg(r.duration)} images. Step = training images "
                 f"seen. Look first at {near_one} (the held-out gap J_sigma(theta) - J*_sigma near sigma = 1) and "
                 f"{C.GAP_REF}; chart them against {C.FLOPS_TOTAL} to compare runs at equal compute. Per-sigma "
