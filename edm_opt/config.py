@@ -21,7 +21,7 @@ from .diffusion import PRECONDS, parse_sigmas
 from .ema import parse_profiles
 from .networks import get_preset
 
-SCHEDULES = ("edm", "edm2", "fm", "optimal")
+SCHEDULES = ("edm", "edm2", "fm", "vp", "ve", "optimal")
 BASE_SCHEDULES = ("edm", "edm2", "fm")
 OPT_VARIANTS = ("paper", "floor", "base-below", "edm2-tilt")  # method.md sections 4.1 and 4.3
 DEFAULT_VARIANT = "floor"
@@ -84,11 +84,12 @@ class TrainConfig:
         default_text="the preset's; ImageNet presets are conditional")
     preset: str = option("edm2-mini", "Network preset (`edm-opt networks` lists them).")
     precond: str | None = option(None, "Preconditioning c_skip/c_out/c_in.", choices=("edm", "ve", "vp", "fm"),
-                                 default_text="fm for the fm schedule or base, else edm")
+                                 default_text="fm for the fm schedule or base, vp / ve for those, else edm")
     dropout: float | None = option(None, "Dropout probability.", default_text="the preset's")
     # the schedule
     schedule: str = option("edm2", "Loss weight and sigma sampling: edm (log-normal, lambda), edm2 (+ learned "
-                           "log-variance), fm (flow matching), optimal (from J*, see --opt-variant).",
+                           "log-variance), fm (flow matching), vp / ve (EDM's VP and VE losses: eps loss, their "
+                           "own sigma densities), optimal (from J*, see --opt-variant).",
                            choices=SCHEDULES)
     base_schedule: str | None = option(None, "What `optimal` starts from and mixes with.", choices=BASE_SCHEDULES,
                                        default_text="edm2 for EDM2 presets, edm otherwise")
@@ -286,7 +287,7 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         r.base_schedule = None
     _resolve_variant(r, preset)
     uses_fm = r.schedule == "fm" or r.base_schedule == "fm"
-    r.precond = r.precond or ("fm" if uses_fm else "edm")
+    r.precond = r.precond or ("fm" if uses_fm else r.schedule if r.schedule in ("vp", "ve") else "edm")
     r.P_mean = preset.P_mean if r.P_mean is None else float(r.P_mean)
     r.P_std = preset.P_std if r.P_std is None else float(r.P_std)
     r.batch = int(r.batch or preset.batch)

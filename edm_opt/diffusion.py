@@ -183,8 +183,44 @@ class LogNormal:
         return np.diff(cdf)
 
 
+@dataclass(frozen=True)
+class LogUniform:
+    """ln sigma ~ U(ln lo, ln hi): VE (NCSN) training as in EDM's Table 1 (lo 0.02, hi 100); not clipped."""
+
+    lo: float = 0.02
+    hi: float = 100.0
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return (math.log(self.lo) + u * math.log(self.hi / self.lo)).exp().float().to(device)
+
+    def bin_mass(self, sigmas: np.ndarray) -> np.ndarray:
+        """Probability of each grid bin (unnormalised: mass beyond the outer edges is left out)."""
+        cdf = np.clip((bin_edges(sigmas) - math.log(self.lo)) / math.log(self.hi / self.lo), 0.0, 1.0)
+        return np.diff(cdf)
+
+
+@dataclass(frozen=True)
+class VPTime:
+    """t ~ U(eps_t, 1), sigma = vp_sigma(t): VP (DDPM) training as in EDM's Table 1 (eps_t 1e-5, so sigma runs
+    from 0.001 to 152); not clipped."""
+
+    eps_t: float = 1e-5
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        t = self.eps_t + (1 - self.eps_t) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.expm1(0.5 * VP_BETA_D * t ** 2 + VP_BETA_MIN * t).sqrt().float().to(device)
+
+    def bin_mass(self, sigmas: np.ndarray) -> np.ndarray:
+        """Probability of each grid bin (unnormalised: mass beyond the outer edges is left out)."""
+        t = vp_t(np.exp(bin_edges(sigmas)))
+        return np.diff(np.clip((t - self.eps_t) / (1 - self.eps_t), 0.0, 1.0))
+
+
 EDM_DENSITY = LogNormal(-1.2, 1.2)
 FM_DENSITY = LogNormal(0.0, 1.0)
+VE_DENSITY = LogUniform(0.02, 100.0)
+VP_DENSITY = VPTime(1e-5)
 
 
 def reference_total(sigmas: np.ndarray, per_sigma: np.ndarray) -> float:

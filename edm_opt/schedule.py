@@ -7,6 +7,8 @@ dimension, VE coordinates):
 - `edm2`: the same density, loss lambda(sigma) m / exp(u(sigma)) + u(sigma) with the network's learned
   log-variance u (EDM2's uncertainty weighting);
 - `fm`:   t logit-normal(0, 1), i.e. ln sigma ~ N(0, 1), loss (1+sigma)^2/sigma^2 m (unit-weight velocity loss);
+- `vp`, `ve`: EDM's VP and VE losses, m / sigma^2 (unit-weight eps loss), with t ~ U(1e-5, 1), sigma = sigma_vp(t)
+  and ln sigma ~ U(ln 0.02, ln 100);
 - `optimal`: the optimal-loss schedule (method.md section 4), sigma drawn from p over the grid's bins with
   p following the gap J_sigma(theta) - J*_sigma tracked per bin, in one of four variants (`--opt-variant`):
   `paper` (4.1: w = a min(1/J*, w_max), p ~ the weighted gap mixed with the base) and the three of 4.3 that
@@ -30,8 +32,8 @@ import torch
 from .config import DEFAULT_VARIANT, OPT_VARIANTS, VARIANT_DEFAULTS
 from . import contract as C
 from .contract import BANDS, band_name, band_shares, normalised_share
-from .diffusion import (FM_DENSITY, SIGMA_MAX, SIGMA_MIN, LogNormal, bin_edges, bin_index, edm_weight,
-                        target_factor)
+from .diffusion import (FM_DENSITY, SIGMA_MAX, SIGMA_MIN, VE_DENSITY, VP_DENSITY, LogNormal, bin_edges, bin_index,
+                        edm_weight, target_factor)
 
 AllReduce = Callable[[torch.Tensor], None]  # in-place sum over ranks (None: one process)
 
@@ -204,6 +206,23 @@ class FMSchedule(Schedule):
 
     def weight(self, sigma):
         return (1 + sigma) ** 2 / sigma ** 2
+
+
+class EpsSchedule(Schedule):
+    """EDM's VP and VE losses (Table 1): the unit-weight eps loss, i.e. weight 1/sigma^2 on the x0 error, under the
+    original's own sigma density (`vp`: t ~ U(1e-5, 1), sigma = sigma_vp(t); `ve`: ln sigma ~ U(ln 0.02, ln 100))."""
+
+    def __init__(self, name: str, sigmas, sigma_data: float = 0.5, decay: float = 0.99):
+        super().__init__(sigmas, VP_DENSITY if name == "vp" else VE_DENSITY, sigma_data, decay)
+        self.name = name
+
+    def weight(self, sigma):
+        return target_factor("eps", sigma)  # native eps loss = x0 loss / sigma^2
+
+    def describe(self):
+        d = self.density
+        return {"density": f"t ~ U({d.eps_t:g}, 1), sigma = sigma_vp(t)" if self.name == "vp" else
+                f"ln sigma ~ U(ln {d.lo:g}, ln {d.hi:g})"}
 
 
 def clipped_expectation(density: LogNormal, fn: Callable[[np.ndarray], np.ndarray], points: int = 4001) -> float:
@@ -562,6 +581,8 @@ def make_schedule(name: str, sigmas: np.ndarray, preset_density: LogNormal, jsta
         return EDM2Schedule(sigmas, preset_density, sigma_data, decay)
     if name == "fm":
         return FMSchedule(sigmas, FM_DENSITY, sigma_data, decay)
+    if name in ("vp", "ve"):
+        return EpsSchedule(name, sigmas, sigma_data, decay)
     if name == "optimal":
         if jstar is None:
             raise ValueError("the optimal schedule needs a J* table")

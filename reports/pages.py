@@ -23,9 +23,10 @@ from .tables import fmt, fmt_int, fmt_r
 
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 HEATMAPS_PER_PAGE = 12  # 3 x 4 panels
-SCHEDULE_COLOURS = {"edm": "tab:blue", "edm2": "tab:orange", "fm": "tab:green", "optimal": "tab:red",
+SCHEDULE_COLOURS = {"edm": "tab:blue", "edm2": "tab:orange", "fm": "tab:green", "vp": "tab:gray", "ve": "tab:olive",
+                    "optimal": "tab:red",
                     "optimal/edm": "tab:brown", "optimal/edm2": "tab:red", "optimal/fm": "tab:purple"}
-OTHER_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "navy", "darkgoldenrod", "teal", "maroon")
+OTHER_COLOURS = ("tab:pink", "tab:cyan", "navy", "darkgoldenrod", "teal", "maroon")
 MAX_RUN_LEGEND = 12  # more runs than this: the legend names schedules only
 
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from edm_opt.config import ConfigError, TrainConfig, resolve_config
-from edm_opt.diffusion import EDM_DENSITY, FM_DENSITY, LogNormal, bin_index, edm_weight, sigma_grid
+from edm_opt.diffusion import (EDM_DENSITY, FM_DENSITY, LogNormal, bin_edges, bin_index, edm_weight, sigma_grid, vp_sigma,
+                               vp_t)
 from edm_opt.ema import EMA, parse_profiles, power_gamma
 from edm_opt.optimal_loss import OptimalLossTable, UpperBound
 from edm_opt.schedule import (DEFAULT_VARIANT, BinLossTracker, OptimalParams, OptimalSchedule, clipped_expectation,
@@ -152,6 +153,38 @@ def test_loss_forms():
     torch.testing.assert_close(grad, 1 - edm_weight(sigma) * err)  # optimum at exp(u) = lambda x err
     with pytest.raises(ValueError, match="log-variance"):
         edm2.loss(err, sigma, None)
+
+
+def test_vp_and_ve_losses_follow_edm_table_1():
+    """EDM's VP and VE training losses: weight 1/sigma^2 on the x0 error (their unit-weight eps loss) under
+    t ~ U(1e-5, 1), sigma = sqrt(exp(19.9 t^2 / 2 + 0.1 t) - 1), and ln sigma ~ U(ln 0.02, ln 100)."""
+    sigma = torch.tensor([0.01, 0.5, 20.0])
+    err = torch.tensor([1e-5, 0.01, 0.5])
+    g = torch.Generator().manual_seed(0)
+    for name in ("vp", "ve"):
+        sched = make_schedule(name, GRID, EDM_DENSITY)  # the preset's log-normal is not theirs
+        assert sched.name == name and not sched.uses_logvar
+        torch.testing.assert_close(sched.loss(err, sigma), err / sigma ** 2)
+        draws = sched.sample(200_000, g).double().numpy()
+        if name == "vp":  # t(sigma) is uniform on [1e-5, 1]
+            u = (vp_t(draws) - 1e-5) / (1 - 1e-5)
+            assert draws.min() >= 0.99e-3 and draws.max() == pytest.approx(152.0, rel=0.01)
+            assert vp_sigma(1.0) == pytest.approx(math.sqrt(math.expm1(19.9 / 2 + 0.1)))
+        else:  # ln sigma is uniform on [ln 0.02, ln 100]
+            u = np.log(draws / 0.02) / np.log(100 / 0.02)
+        assert u.min() >= -1e-6 and u.max() <= 1 + 1e-6
+        np.testing.assert_allclose(np.quantile(u, [0.1, 0.25, 0.5, 0.75, 0.9]), [0.1, 0.25, 0.5, 0.75, 0.9],
+                                   atol=0.005)
+        # bin masses: the empirical frequency of each grid bin; mass beyond the outer edges is left out
+        counts = np.bincount(bin_index(torch.from_numpy(draws), GRID).numpy(), minlength=len(GRID))
+        edges = np.exp(bin_edges(GRID))
+        inside = (draws >= edges[0]) & (draws < edges[-1])
+        counts[0] -= np.sum(draws < edges[0])
+        counts[-1] -= np.sum(draws >= edges[-1])
+        np.testing.assert_allclose(sched.density.bin_mass(GRID), counts / len(draws), atol=0.004)
+        assert sched.density.bin_mass(GRID).sum() == pytest.approx(inside.mean(), abs=0.004)
+    assert resolve_config(TrainConfig(schedule="vp", preset="edm2-nano"), 1).precond == "vp"
+    assert resolve_config(TrainConfig(schedule="ve", preset="edm2-nano"), 1).precond == "ve"
 
 
 def test_clipped_expectation_matches_monte_carlo():

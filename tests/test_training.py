@@ -51,7 +51,7 @@ def run_dir(cwd) -> Path:
     return d
 
 
-@pytest.mark.parametrize("schedule", ["edm2", "optimal", "edm", "fm"])
+@pytest.mark.parametrize("schedule", ["edm2", "optimal", "edm", "fm", "vp", "ve"])
 def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     every = schedule == "optimal"  # one run logs every per-sigma family (--log-per-sigma all), the others the default
     run(TRAIN + TINY + ["--schedule", schedule] + (["--log-per-sigma", "all"] if every else []), tmp_path)
@@ -83,6 +83,7 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     (dataset,) = r.inputs.dataset_inputs
     assert dataset.dataset.digest == tags["edm_opt.dataset_fingerprint"][:36] and dataset.dataset.name == "digits"
     assert tags["edm_opt.schedule"] == schedule and r.data.params["schedule"] == schedule
+    assert r.data.params["precond"] == {"fm": "fm", "vp": "vp", "ve": "ve"}.get(schedule, "edm")
     if schedule == "optimal":
         assert tags["edm_opt.opt_variant"] == r.data.params["opt_variant"] == "floor"
         assert r.data.params["opt_gamma"] == "1.0" and r.data.params["schedule.variant"] == "floor"
