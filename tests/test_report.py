@@ -486,7 +486,8 @@ def test_report_from_two_real_training_runs(tmp_path):
     exp = collect_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "real")
     assert all(r.source == "per_sigma.json" and list(r.nimg) == [512, 1024, 1536, 2048] for r in exp.runs)
     assert {r.schedule for r in exp.runs} == {"edm", "optimal"}
-    assert {r.schedule: r.variant for r in exp.runs} == {"edm": None, "optimal": "floor"}  # the default variant
+    # --schedule optimal on an EDM2 preset: its default variant there, edm2-tilt
+    assert {r.schedule: r.variant for r in exp.runs} == {"edm": None, "optimal": "edm2-tilt"}
     for r in exp.runs:  # training writes the shares into per_sigma.json at every status
         assert r.share.shape == (4, 8) and np.isfinite(r.share).all()
         np.testing.assert_allclose(r.share.sum(axis=1), 1.0, rtol=1e-6)

@@ -389,8 +389,14 @@ def test_variant_options_are_checked():
                         ({"schedule": "optimal", "opt_variant": "edm2-tilt", "preset": "ddpmpp-tiny"}, "edm2-tilt")]:
         with pytest.raises(ConfigError, match=needle):
             resolve_config(TrainConfig.from_dict(cfg))
+    # the default variant: edm2-tilt on EDM2's schedule (EDM2 presets), floor on the others
     r = resolve_config(TrainConfig.from_dict({"schedule": "optimal"}))
-    assert (r.opt_variant, r.opt_gamma, r.opt_clip_lo, r.opt_clip_hi, r.opt_tau) == (DEFAULT_VARIANT, 1.0, 0.25, 4.0, None)
+    assert (r.base_schedule, r.opt_variant, r.opt_gamma, r.opt_clip_lo, r.opt_clip_hi) == ("edm2", "edm2-tilt", 0.5,
+                                                                                           0.25, 4.0)
+    for given in ({"base_schedule": "fm"}, {"base_schedule": "edm"}, {"preset": "ddpmpp-tiny"}):
+        r = resolve_config(TrainConfig.from_dict({"schedule": "optimal", **given}))
+        assert (r.opt_variant, r.opt_gamma, r.opt_clip_lo, r.opt_clip_hi, r.opt_tau) == (DEFAULT_VARIANT, 1.0, 0.25,
+                                                                                         4.0, None)
     r = resolve_config(TrainConfig.from_dict({"schedule": "optimal", "opt_variant": "base-below"}))
     assert r.opt_tau == 0.25
 

@@ -54,7 +54,8 @@ def run_dir(cwd) -> Path:
 @pytest.mark.parametrize("schedule", ["edm2", "optimal", "edm", "fm", "vp", "ve"])
 def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     every = schedule == "optimal"  # one run logs every per-sigma family (--log-per-sigma all), the others the default
-    run(TRAIN + TINY + ["--schedule", schedule] + (["--log-per-sigma", "all"] if every else []), tmp_path)
+    extra = ["--log-per-sigma", "all", "--opt-variant", "floor"] if every else []  # floor: the variant with J*_up
+    run(TRAIN + TINY + ["--schedule", schedule] + extra, tmp_path)
     c, r = only_run(tmp_path)
     assert r.info.status == "FINISHED"
     m = r.data.metrics
@@ -65,7 +66,7 @@ def test_short_run_logs_the_naming_contract(tmp_path, schedule):
     hidden = [f"{family}sigma_{sigma_key(s)}" for s in grid for family in
               ("loss_x0_raw/", "jstar/", "stderr/", "sched/share_")]
     hidden += [f"loss_x0_batch/sigma_{sigma_key(grid[2])}"]  # a central bin: always sampled
-    if schedule == "optimal":  # the default variant, floor: p and J*_up
+    if schedule == "optimal":  # floor: p and J*_up
         hidden += [f"sched/p_sigma_{sigma_key(s)}" for s in grid] + [f"jstar_up/sigma_{sigma_key(s)}" for s in grid]
     missing = [k for k in keys + (hidden if every else []) if k not in m]
     assert not missing, missing
