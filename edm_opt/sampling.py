@@ -1,9 +1,12 @@
-"""EDM's deterministic Heun and Euler samplers as released with EDM2 (guidance off), with per-sample seeds.
+"""EDM's deterministic Heun and Euler samplers as released with EDM2, with per-sample seeds and guidance.
 
 Karras et al. 2022, Algorithm 2, in the form of docs/architectures.md Part 3: float32 working dtype, time
 steps t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho with t_N = 0, Euler
 on the last step, optional stochastic churn. Randomness comes from one generator per sample so that a
 sample depends only on its seed, never on the batch size or the number of devices.
+
+Guidance (EDM2's autoguidance, Karras et al. 2024; classifier-free guidance when the guiding network is
+unconditional): D_w(x; sigma) = D_g(x; sigma) + w (D(x; sigma) - D_g(x; sigma)), `Guided`.
 
 Units: sigma and time steps are VE noise levels; samples are in data units ([-1, 1] pixels); images
 returned by `generate` are uint8 in [0, 255].
@@ -38,6 +41,42 @@ class PerSampleGenerator:
         """One integer per sample, uniform in [0, high)."""
         return torch.stack([torch.randint(high, size=[1], generator=g, device=self.device)
                             for g in self.generators]).flatten()
+
+
+class Guided(torch.nn.Module):
+    """D_w = D_g + w (D - D_g): `net` guided by `gnet` with weight `guidance` (w = 1 is `net` itself; w > 1
+    pushes samples away from what the guide predicts). The guide gets the class labels when it is conditional
+    and none when it is not (classifier-free guidance with an unconditional net)."""
+
+    def __init__(self, net: torch.nn.Module, gnet: torch.nn.Module, guidance: float):
+        super().__init__()
+        for attr in ("img_channels", "img_resolution"):
+            if getattr(gnet, attr, None) != getattr(net, attr, None):
+                raise ValueError(f"the guiding network's {attr} is {getattr(gnet, attr, None)}, the network's "
+                                 f"{getattr(net, attr, None)}")
+        g_labels = getattr(gnet, "label_dim", 0) or 0
+        if g_labels and g_labels != (getattr(net, "label_dim", 0) or 0):
+            raise ValueError(f"the guiding network has {g_labels} classes, the network "
+                             f"{getattr(net, 'label_dim', 0) or 0}")
+        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
+        self.img_channels, self.img_resolution = net.img_channels, net.img_resolution
+        self.label_dim = getattr(net, "label_dim", 0)
+        self.g_conditional = bool(g_labels)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.net(x, sigma, class_labels).to(torch.float32)
+        d_g = self.gnet(x, sigma, class_labels if self.g_conditional else None).to(torch.float32)
+        return d_g.lerp(d, self.guidance)  # D_g + w (D - D_g)
+
+
+def guided(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float = 1.0) -> torch.nn.Module:
+    """`net` guided by `gnet` with weight `guidance`; `net` itself (bit for bit, no guide evaluated) at w = 1."""
+    if guidance == 1:
+        return net
+    if gnet is None:
+        raise ValueError(f"guidance {guidance:g} needs a guiding network (--gnet): an autoguidance snapshot (a "
+                         f"smaller or earlier model of the same data) or an unconditional one")
+    return Guided(net, gnet, guidance)
 
 
 def time_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,

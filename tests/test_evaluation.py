@@ -94,6 +94,34 @@ def test_evaluate_from_another_directory_logs_into_the_run(trained, stand_in, tm
     assert p.returncode == 0 and "snapshot-000000512.pt" in p.stdout, p.stderr[-2000:]
 
 
+def test_guided_evaluate_logs_its_own_keys(trained, stand_in, tmp_path):
+    """Autoguidance of the 512-image snapshot by the 256-image one: fid/guidance_2 and kid/guidance_2, the FID of
+    the guided sampler's images; --guidance without --gnet is one clear message."""
+    gnet = trained / "snapshot-000000256.pt"
+    p = subprocess.run([EDM_OPT, "evaluate", str(trained), "--num-images", "16", "--ref-images", "64", "--steps", "4",
+                        "--inception", str(stand_in), "--batch", "16", "--guidance", "2", "--gnet", str(gnet)],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "guidance 2 by" in p.stdout and "logged fid/guidance_2=" in p.stdout
+    c, r = mlflow_run(trained)
+    m = r.data.metrics
+    from edm_opt.data import load_dataset
+    from edm_opt.loading import load_snapshot_network
+    from edm_opt.metrics import extract_features, load_inception, reference_statistics
+    from edm_opt.sampling import Guided, generate
+
+    extractor, _ = load_inception(stand_in)
+    digits = load_dataset("digits")
+    ref = reference_statistics(digits.images, digits.fingerprint, 64, extractor=extractor, progress=False)
+    net = Guided(load_snapshot_network(trained / "snapshot-000000512.pt").net, load_snapshot_network(gnet).net, 2.0)
+    images, _ = generate(net, range(16), batch_size=16, num_steps=4)
+    assert m["fid/guidance_2"] == pytest.approx(ref.fid(extract_features(images, extractor, batch_size=16)), rel=1e-6)
+    assert "kid/guidance_2" in m and r.data.tags["edm_opt.gnet"] == str(gnet)
+    p = subprocess.run([EDM_OPT, "evaluate", str(trained), "--num-images", "8", "--guidance", "2"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 1 and "--gnet" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_evaluate_refuses_changed_data(trained, stand_in, tmp_path):
     copy = tmp_path / "run"
     copy.mkdir()

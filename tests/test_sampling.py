@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edm_opt.networks import build_network
-from edm_opt.sampling import PerSampleGenerator, euler_sample, generate, heun_sample, time_steps
+from edm_opt.sampling import Guided, PerSampleGenerator, euler_sample, generate, guided, heun_sample, time_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest.py
@@ -136,3 +136,63 @@ def test_generate_label_options(conditional_net):
     assert labels is None and img.shape == (2, 1, 8, 8)
     with pytest.raises(ValueError):
         generate(conditional_net, [7], num_steps=2, class_labels=10)
+
+
+class AnalyticGaussian(torch.nn.Module):
+    """Exact denoiser of 2-D data N(0, diag(s^2)) as a 2-channel 1x1 image: D(x; sigma) = x s^2 / (s^2 + sigma^2)."""
+
+    img_channels, img_resolution = 2, 1
+
+    def __init__(self, s, label_dim=0):
+        super().__init__()
+        self.s2 = torch.tensor(s, dtype=torch.float32).view(1, 2, 1, 1) ** 2
+        self.label_dim = label_dim
+
+    def forward(self, x, sigma, class_labels=None):
+        return x * (self.s2 / (self.s2 + sigma ** 2))
+
+
+def test_guidance_one_is_the_network_bit_for_bit(conditional_net):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        img_channels, img_resolution, label_dim = 1, 8, 10
+
+        def forward(self, x, sigma, class_labels=None):
+            calls.append(1)
+            return x
+
+    assert guided(conditional_net, Counting(), 1.0) is conditional_net
+    a, la = generate(conditional_net, range(6), num_steps=4)
+    b, lb = generate(guided(conditional_net, Counting(), 1.0), range(6), num_steps=4)
+    assert torch.equal(a, b) and torch.equal(la, lb) and calls == []  # the guide is never run at w = 1
+    with pytest.raises(ValueError, match="--gnet"):
+        guided(conditional_net, None, 2.0)
+    # w != 1: D_g + w (D - D_g); an unconditional guide (classifier-free guidance) gets no labels
+    torch.manual_seed(1)
+    uncond = build_network("edm2-nano", img_resolution=8, img_channels=1, label_dim=0).eval()
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor(1.3)
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 4, 9]), 10).float()
+    with torch.no_grad():
+        want = uncond(x, sigma, None) + 2.5 * (conditional_net.eval()(x, sigma, labels) - uncond(x, sigma, None))
+        torch.testing.assert_close(Guided(conditional_net, uncond, 2.5)(x, sigma, labels), want)
+    with pytest.raises(ValueError, match="img_resolution"):
+        Guided(conditional_net, build_network("edm2-nano", img_resolution=16, img_channels=1), 2.0)
+    with pytest.raises(ValueError, match="classes"):
+        Guided(conditional_net, build_network("edm2-nano", img_resolution=8, img_channels=1, label_dim=3), 2.0)
+
+
+@pytest.mark.parametrize("w", [1.0, 2.0, 3.0, 0.5])
+def test_guided_sampling_moves_mass_as_the_formula_says(w):
+    """Data N(0, s^2) guided by N(0, g^2): the guided probability-flow ODE dx/dsigma = (x - D_w) / sigma is linear,
+    D_w = x [g^2/(g^2+sigma^2) + w (s^2/(s^2+sigma^2) - g^2/(g^2+sigma^2))], so every sample is its noise times
+    sigma_max [g / sqrt(g^2 + sigma_max^2)]^(1-w) [s / sqrt(s^2 + sigma_max^2)]^w: the samples' std is
+    ~ s^w g^(1-w), sharper than the data where the guide is broader (w > 1), broader for w < 1."""
+    s, g = torch.tensor([0.5, 0.2]), torch.tensor([1.0, 0.4])
+    net, gnet = AnalyticGaussian(s.tolist()), AnalyticGaussian(g.tolist())
+    noise = torch.randn(4000, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = heun_sample(guided(net, gnet, w), noise, num_steps=256).double()
+    t0 = time_steps(256)[0].double()
+    gain = t0 * (g / (g ** 2 + t0 ** 2).sqrt()).double() ** (1 - w) * (s / (s ** 2 + t0 ** 2).sqrt()).double() ** w
+    torch.testing.assert_close(x / noise.double(), gain.view(1, 2, 1, 1).expand_as(x), rtol=2e-3, atol=0)
+    assert x.std(dim=0).flatten().tolist() == pytest.approx((s ** w * g ** (1 - w)).tolist(), rel=0.05)
