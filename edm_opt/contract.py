@@ -37,9 +37,13 @@ FID_NUM_IMAGES, FID_REF_IMAGES, FID_STEPS, FID_MEAN = "fid/num_images", "fid/ref
 TAG_GNET = "edm_opt.gnet"  # the guiding network of guided FIDs
 
 
-def guided_metric(key: str, guidance: float) -> str:
-    """`fid`, `kid` of guided sampling: `fid/guidance_1.4` (w = 1 is the plain key)."""
-    return key if guidance == 1 else f"{key}/guidance_{guidance:g}"
+def fid_metric(key: str, guidance: float = 1.0, ema: str | None = None) -> str:
+    """`fid` or `kid` of a snapshot's default EMA profile sampled without guidance; `fid/guidance_1.4` with
+    guidance; `fid/ema_power_0.15` for another tracked profile, `fid/ema_power_0.1_posthoc` for a post-hoc one
+    (`ema`: the profile's name as the snapshot stores it, None for the default)."""
+    if guidance != 1:
+        key += f"/guidance_{guidance:g}"
+    return key + (f"/ema_{ema.replace(':', '_').replace(' ', '_')}" if ema else "")
 SWEEP_CELLS_FINISHED, SWEEP_CELLS_FAILED = "sweep/cells_finished", "sweep/cells_failed"
 
 # per-sigma families (prefixes of `sigma_<key>`)

@@ -7,6 +7,9 @@ Profiles are strings (config is plain data):
   sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
 - `halflife:500000` (images, also `halflife:0.5Mi`): EDM's traditional EMA, beta = 0.5^(batch / h) with
   the half-life ramped up as h = min(h, 0.05 nimg) early in training.
+
+The product of the power EMA's betas makes its average at step t an exact, closed-form weighting of the
+training weights theta_1..theta_t (`power_profile`), the basis of post-hoc EMA (`edm_opt.phema`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def power_gamma(sigma_rel: float) -> float:
     # (gamma+1) = s2 (gamma+2)^2 (gamma+3)  <=>  s2 g^3 + 7 s2 g^2 + (16 s2 - 1) g + (12 s2 - 1) = 0
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_profile(t: int, gamma: float, T: int) -> np.ndarray:
+    """Weight of each step's weights theta_tau (tau = 1..T) in the power EMA at step t, zero after t:
+    w_tau = (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1), the product (1 - beta_tau) prod_{k > tau} beta_k of
+    EMA.update's betas beta_k = (1 - 1/k)^(gamma+1) (telescoping; sums to 1)."""
+    tau = np.arange(1, T + 1, dtype=np.float64)
+    w = (tau / t) ** (gamma + 1) - ((tau - 1) / t) ** (gamma + 1)
+    w[tau > t] = 0.0
+    return w
 
 
 def parse_profiles(spec: str) -> list[tuple[str, float]]:

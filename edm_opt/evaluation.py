@@ -105,6 +105,24 @@ def fid_kid(features: np.ndarray, ref) -> tuple[float, float]:
     return ref.fid(features), kid
 
 
+def snapshot_file(run: RunDir, which: str, uri: str | None, run_id: str | None) -> tuple[int, Path]:
+    """`--snapshot`: latest, an image count, best, or a snapshot file (e.g. one of `edm-opt phema`'s)."""
+    if str(which).endswith(".pt"):
+        path = Path(which)
+        if not path.is_file():
+            raise EvaluationError(f"snapshot {path} not found")
+        return int(load_snapshot_network(path).nimg), path
+    return select_snapshot(run, which, uri, run_id)
+
+
+def profile_label(snap: dict, ema: str | None) -> str | None:
+    """The EMA profile in metric keys: None for the snapshot's default profile, else its name (`_posthoc` for a
+    post-hoc EMA reconstruction)."""
+    if "phema" in snap:
+        return f"{snap['ema']}_posthoc"
+    return None if ema in (None, snap.get("ema")) else ema
+
+
 def guiding_network(gnet: str | None, device) -> torch.nn.Module | None:
     """`--gnet`: a run directory, snapshot or any model `edm-opt diagnose` reads, as an eval-mode denoiser."""
     if gnet is None:
@@ -115,13 +133,14 @@ def guiding_network(gnet: str | None, device) -> torch.nn.Module | None:
 def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: int = 50000, seeds: str | None = None,
                  steps: int = 32, repeats: int = 1, ref_images: int | None = None, batch: int = 64,
                  device: str = "auto", inception: str | None = None, guidance: float = 1.0,
-                 gnet: str | None = None, echo=print) -> dict:
+                 gnet: str | None = None, ema: str | None = None, echo=print) -> dict:
     """Generate from a snapshot, compute FID/KID against the run's data, log them into the run's MLflow run.
 
     `seeds` wins over `num_images`; with `repeats` R the seeds of repeat i are the i-th consecutive block of
     the same size (EDM's protocol: report the minimum; all values are logged). With `guidance` w != 1 the
     snapshot is guided by `gnet` (sampling.Guided) and the numbers are logged as `fid/guidance_<w>`,
-    `kid/guidance_<w>`. Returns the numbers.
+    `kid/guidance_<w>`; `ema` picks another tracked EMA profile of the snapshot (`fid/ema_<profile>`), and
+    `snapshot` may be a snapshot file, e.g. a post-hoc EMA one (`fid/ema_<profile>_posthoc`). Returns the numbers.
     """
     if guidance != 1 and gnet is None:
         raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
@@ -132,7 +151,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     if repeats < 1 or not base:
         raise EvaluationError("--repeats must be >= 1 and the seed list non-empty")
     uri, run_id = info.tracking_uri, info.mlflow_run_id
-    nimg, path = select_snapshot(run, snapshot, uri, run_id)
+    nimg, path = snapshot_file(run, snapshot, uri, run_id)
     spec = DataSpec.from_dict(info.data)
     dataset = spec.load()
     if dataset.fingerprint != info.data["fingerprint"]:
@@ -140,8 +159,9 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
                               f"{dataset.fingerprint[:16]}... now, {info.data['fingerprint'][:16]}... at training)")
     D.init(env)
     try:
-        snap = load_snapshot_network(path, env.device)
+        snap = load_snapshot_network(path, env.device, ema)
         net = guided(snap.net, guiding_network(gnet, env.device), guidance)
+        profile = profile_label(snap.meta, ema)
         extractor, sha = load_inception(inception, env.device)
         n_total = len(base) * repeats
         if env.is_main:
@@ -170,7 +190,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     if not env.is_main:
         return {}
     fids, kids = [v[0] for v in values], [v[1] for v in values]
-    fid_key, kid_key = C.guided_metric(C.FID, guidance), C.guided_metric(C.KID, guidance)
+    fid_key, kid_key = C.fid_metric(C.FID, guidance, profile), C.fid_metric(C.KID, guidance, profile)
     metrics = {fid_key: min(fids), kid_key: min(kids), C.FID_NUM_IMAGES: len(base),
                C.FID_REF_IMAGES: ref.num_images, C.FID_STEPS: steps}
     if repeats > 1:
@@ -187,13 +207,13 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
 
 def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str = "latest", steps: int = 32,
                 class_label: int | None = None, device: str = "auto", guidance: float = 1.0,
-                gnet: str | None = None) -> Path:
+                gnet: str | None = None, ema: str | None = None) -> Path:
     """`edm-opt sample`: a PNG grid of the images for `seeds` from a snapshot (guided by `gnet` if w != 1)."""
     if guidance != 1 and gnet is None:
         raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
     env = D.read_env(device)
-    nimg, path = RunDir(run_dir).snapshot_path(snapshot)
-    snap = load_snapshot_network(path, env.device)
+    nimg, path = snapshot_file(RunDir(run_dir), snapshot, None, None)
+    snap = load_snapshot_network(path, env.device, ema)
     net = guided(snap.net, guiding_network(gnet, env.device), guidance)
     images, _ = generate(net, parse_seeds(seeds), num_steps=steps, device=env.device,
                          class_labels="random" if class_label is None else class_label, progress=True)

@@ -28,12 +28,16 @@ class Snapshot:
     meta: dict
 
 
-def load_snapshot_network(path: str | Path, device="cpu") -> Snapshot:
-    """An edm-opt snapshot file as an eval-mode network on `device`."""
+def load_snapshot_network(path: str | Path, device="cpu", ema: str | None = None) -> Snapshot:
+    """An edm-opt snapshot file as an eval-mode network on `device`: the EMA profile `ema` (e.g. power:0.15;
+    default: the first profile, `net`)."""
     snap = load_snapshot(path)
     spec = snap["network"]
     net = ARCHITECTURES[spec["arch"]](**spec["kwargs"])
-    net.load_state_dict(snap["net"])
+    profiles = {snap.get("ema"): snap["net"], **snap.get("ema_profiles", {})}
+    if ema is not None and ema not in profiles:
+        raise ModelLoadError(f"{path}: no EMA profile {ema!r} (has {', '.join(str(k) for k in profiles)})")
+    net.load_state_dict(profiles[ema] if ema is not None else snap["net"])
     return Snapshot(net.eval().requires_grad_(False).to(device), int(snap["nimg"]), Path(path), snap)
 
 

@@ -203,13 +203,14 @@ def system_metrics(device: torch.device) -> dict:
     return m
 
 
-def save_snapshot(run_dir: RunDir, recorder: RunRecorder, history: C.PerSigmaHistory, ema, nimg: int,
+def save_snapshot(run_dir: RunDir, recorder: RunRecorder, history: C.PerSigmaHistory, emas: list, nimg: int,
                   network: dict, class_conditional: bool, samples: torch.Tensor, title: str) -> Path:
-    """`snapshot-<nimg>.pt` (the EMA weights and how to rebuild the network), per_sigma.json, gap.png and the sample
-    grid, each logged as an artifact."""
+    """`snapshot-<nimg>.pt` (the first EMA profile's weights as `net`, every other profile's in `ema_profiles`, and
+    how to rebuild the network), per_sigma.json, gap.png and the sample grid, each logged as an artifact."""
     dataset = recorder.dataset
     path = run_dir.save_snapshot({
-        "net": ema.net.state_dict(), "ema": ema.name, "nimg": nimg, "network": network,
+        "net": emas[0].net.state_dict(), "ema": emas[0].name, "nimg": nimg, "network": network,
+        "ema_profiles": {e.name: e.net.state_dict() for e in emas[1:]},
         "data": {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint},
         "class_conditional": class_conditional, "edm_opt_version": __version__}, nimg)
     recorder.logger.log_artifact(write_json(run_dir.path / C.PER_SIGMA_ARTIFACT, history.to_json(), indent=None))

@@ -120,7 +120,7 @@ class RunDir:
 
     def save_checkpoint(self, state: dict, nimg: int) -> Path:
         path = self.path / f"checkpoint-{nimg:09d}.pt"
-        _save(state, path, fsync=True)
+        save_atomic(state, path, fsync=True)
         for _, old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
         return path
@@ -141,7 +141,7 @@ class RunDir:
 
     def save_snapshot(self, state: dict, nimg: int) -> Path:
         path = self.path / f"snapshot-{nimg:09d}.pt"
-        _save(state, path)
+        save_atomic(state, path)
         return path
 
     def snapshot_path(self, which: str | int = "latest") -> tuple[int, Path]:
@@ -159,7 +159,7 @@ class RunDir:
         raise RunDirError(f"{self.path}: no snapshot at {nimg} images (have {', '.join(str(n) for n, _ in snaps)})")
 
 
-def _save(state: dict, path: Path, fsync: bool = False) -> None:
+def save_atomic(state: dict, path: Path, fsync: bool = False) -> None:
     """torch.save atomically; a failed write (disk full, read-only, quota) is RunDirError "cannot write PATH: why"."""
     try:
         with atomic_path(path, fsync=fsync) as tmp:

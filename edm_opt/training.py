@@ -447,7 +447,7 @@ class Trainer:
             # a preview: 18 Heun steps (35 evaluations); FID evaluation uses the full 32
             images, _ = generate(self.emas[0].net, range(64), batch_size=64, num_steps=18, device=self.device)
         network = {"arch": self.preset.arch, "preset": self.r.preset, "kwargs": plain(self.net_kwargs)}
-        save_snapshot(self.run_dir, self.recorder, self.reporter.history, self.emas[0], self.nimg, network,
+        save_snapshot(self.run_dir, self.recorder, self.reporter.history, self.emas, self.nimg, network,
                       self.r.class_conditional, images, f"{self.r.run_name} at {format_nimg(self.nimg)} images")
 
     def _evaluate_fid(self) -> None:
