@@ -215,6 +215,10 @@ def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str 
     nimg, path = snapshot_file(RunDir(run_dir), snapshot, None, None)
     snap = load_snapshot_network(path, env.device, ema)
     net = guided(snap.net, guiding_network(gnet, env.device), guidance)
+    if class_label is not None and not net.label_dim:
+        raise EvaluationError(f"--class {class_label}: {path} is an unconditional network (no labels)")
+    if class_label is not None and not 0 <= class_label < net.label_dim:
+        raise EvaluationError(f"--class {class_label}: {path} has classes 0-{net.label_dim - 1}")
     images, _ = generate(net, parse_seeds(seeds), num_steps=steps, device=env.device,
                          class_labels="random" if class_label is None else class_label, progress=True)
     return save_image_grid(images, out, columns=int(math.ceil(math.sqrt(len(images)))))

@@ -174,7 +174,9 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], batch_size: int = 
     if isinstance(class_labels, str) and class_labels != "random":
         raise ValueError(f"class_labels must be 'random', an int or None, got {class_labels!r}")
     label_dim = denoiser.label_dim
-    if isinstance(class_labels, int) and label_dim and not 0 <= class_labels < label_dim:
+    if isinstance(class_labels, int) and not label_dim:
+        raise ValueError(f"class {class_labels} asked of an unconditional network (it has no labels)")
+    if isinstance(class_labels, int) and not 0 <= class_labels < label_dim:
         raise ValueError(f"class {class_labels} is outside [0, {label_dim})")
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     C, R = denoiser.img_channels, denoiser.img_resolution

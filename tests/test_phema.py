@@ -90,3 +90,6 @@ def test_phema_command_writes_a_normal_snapshot(tmp_path):
     p = subprocess.run([EDM_OPT, "sample", str(run), "--ema", "power:0.3", "--out", "h.png"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert p.returncode == 1 and "power:0.05, power:0.15" in p.stderr
+    p = subprocess.run([EDM_OPT, "sample", str(run), "--class", "3", "--out", "h.png"], cwd=tmp_path,
+                       capture_output=True, text=True)  # an unconditional net asked for labels
+    assert p.returncode == 1 and "unconditional" in p.stderr and "Traceback" not in p.stderr
