@@ -10,7 +10,7 @@
    edm2 schedule's, same network and data; what the weight, the tilted sampler and the gap tracker cost.
 5. With CUDA: edm2-img64-xs forward+backward images/s, fp32 vs bf16 autocast, with and without torch.compile.
 
-Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks] [--only variants]
+Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks] [--only variants|tracking]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", default="16Ki")
     ap.add_argument("--skip-ranks", action="store_true")
-    ap.add_argument("--only", choices=["variants"], default=None, help="Run one section only.")
+    ap.add_argument("--only", choices=["variants", "tracking"], default=None, help="Run one section only.")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     one_run("edm2-nano", "2Ki", 512, True)  # warm caches: J*, J*_up, mlflow import, sqlite creation
@@ -185,6 +185,8 @@ def main():
             sink.append(r["timers"]["steps"] / r["steps_n"])
     print(f"[tracking] system metrics every 10 s on a SQLite store: step {min(on) * 1e3:.2f} ms on, "
           f"{min(off) * 1e3:.2f} ms off: overhead {100 * (min(on) / min(off) - 1):+.1f}%")
+    if args.only == "tracking":
+        return
 
     # The held-out share depends on the run's length: one evaluation (2 x 64 images x 32 sigmas, EMA and
     # raw weights) per default status interval (duration/64, floored by training.heldout_floor). Measure both

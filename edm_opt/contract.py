@@ -31,6 +31,7 @@ PARAM_COUNT = "model/param_count"
 FLOPS_PER_IMAGE = "compute/flops_per_image"  # forward + backward
 FLOPS_TOTAL = "compute/flops_total"
 IMG_PER_S = "perf/img_per_s"
+PEAK_MEM_GB = "perf/peak_mem_gb"  # CUDA only: rank 0's peak allocated memory
 LR = "train/lr"
 FID, KID = "fid", "kid"
 FID_NUM_IMAGES, FID_REF_IMAGES, FID_STEPS, FID_MEAN = "fid/num_images", "fid/ref_images", "fid/steps", "fid/mean"

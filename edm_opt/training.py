@@ -357,7 +357,10 @@ class Trainer:
             if self._crossed(r.log_every) or done:
                 loss, img_per_s = log.read(self._all_reduce)
                 if env.is_main:
-                    self.recorder.log_metrics({C.LR: lr, C.IMG_PER_S: img_per_s, C.LOSS_TRAIN: loss}, step=st.nimg)
+                    scalars = {C.LR: lr, C.IMG_PER_S: img_per_s}
+                    if self.device.type == "cuda":  # this rank's peak since the start (GiB)
+                        scalars[C.PEAK_MEM_GB] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                    self.recorder.log_metrics({**scalars, C.LOSS_TRAIN: loss}, step=st.nimg)
                     self.bar.update(st.nimg - self.bar.n)
                     self.bar.set_postfix_str(f"loss {loss:.4f}, steps alone {img_per_s:.0f} img/s")
             # snapshot, FID, checkpoint
