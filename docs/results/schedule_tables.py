@@ -62,7 +62,7 @@ class Study:
             raise SystemExit(f"{csv_dir}: no {', '.join(missing)}; write them with `edm-opt report --csv {csv_dir}`")
         self.runs = {}
         for r in read(csv_dir / "runs.csv"):
-            if r["nimg"] in ("", "None"):
+            if r["nimg"] in ("", "None") or r["status"] != "FINISHED":  # a stopped or running cell is not a result
                 continue
             key = (r["preset"], r["schedule"], int(num(r["seed"])) if r["seed"] not in ("", "None") else -1)
             self.runs[key] = {"name": r["run_name"], "ref_gap": num(r["ref_gap"]), "kid": num(r["kid"]),
