@@ -32,11 +32,11 @@ def power_gamma(sigma_rel: float) -> float:
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
-def power_profile(t: int, gamma: float, T: int) -> np.ndarray:
-    """Weight of each step's weights theta_tau (tau = 1..T) in the power EMA at step t, zero after t:
+def power_profile(t: int, gamma: float, T: int, start: int = 0) -> np.ndarray:
+    """Weight of each step's weights theta_tau (tau = start+1..T) in the power EMA at step t, zero after t:
     w_tau = (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1), the product (1 - beta_tau) prod_{k > tau} beta_k of
-    EMA.update's betas beta_k = (1 - 1/k)^(gamma+1) (telescoping; sums to 1)."""
-    tau = np.arange(1, T + 1, dtype=np.float64)
+    EMA.update's betas beta_k = (1 - 1/k)^(gamma+1) (telescoping; sums to 1 over tau = 1..t)."""
+    tau = np.arange(start + 1, T + 1, dtype=np.float64)
     w = (tau / t) ** (gamma + 1) - ((tau - 1) / t) ** (gamma + 1)
     w[tau > t] = 0.0
     return w

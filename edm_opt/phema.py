@@ -46,8 +46,8 @@ def solve_coefficients(sources: list[tuple[int, float]], target: tuple[int, floa
     A, b, rr = np.zeros((K, K)), np.zeros(K), 0.0
     for lo in range(0, T, CHUNK):
         hi = min(lo + CHUNK, T)
-        P = np.stack([power_profile(t, g, hi)[lo:hi] for t, g in sources])  # K x chunk
-        r = power_profile(*target, hi)[lo:hi]
+        P = np.stack([power_profile(t, g, hi, lo) for t, g in sources])  # K x chunk
+        r = power_profile(*target, hi, lo)
         A += P @ P.T
         b += P @ r
         rr += r @ r
