@@ -105,14 +105,14 @@ def fid_kid(features: np.ndarray, ref) -> tuple[float, float]:
     return ref.fid(features), kid
 
 
-def snapshot_file(run: RunDir, which: str, uri: str | None, run_id: str | None) -> tuple[int, Path]:
+def snapshot_file(run: RunDir, which: str, uri: str | None, run_id: str | None) -> Path:
     """`--snapshot`: latest, an image count, best, or a snapshot file (e.g. one of `edm-opt phema`'s)."""
     if str(which).endswith(".pt"):
         path = Path(which)
         if not path.is_file():
             raise EvaluationError(f"snapshot {path} not found")
-        return int(load_snapshot_network(path).nimg), path
-    return select_snapshot(run, which, uri, run_id)
+        return path
+    return select_snapshot(run, which, uri, run_id)[1]
 
 
 def profile_label(snap: dict, ema: str | None) -> str | None:
@@ -142,8 +142,6 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     `kid/guidance_<w>`; `ema` picks another tracked EMA profile of the snapshot (`fid/ema_<profile>`), and
     `snapshot` may be a snapshot file, e.g. a post-hoc EMA one (`fid/ema_<profile>_posthoc`). Returns the numbers.
     """
-    if guidance != 1 and gnet is None:
-        raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
     env = D.read_env(device)
     run = RunDir(run_dir)
     info = run.read_info()
@@ -151,7 +149,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     if repeats < 1 or not base:
         raise EvaluationError("--repeats must be >= 1 and the seed list non-empty")
     uri, run_id = info.tracking_uri, info.mlflow_run_id
-    nimg, path = snapshot_file(run, snapshot, uri, run_id)
+    path = snapshot_file(run, snapshot, uri, run_id)
     spec = DataSpec.from_dict(info.data)
     dataset = spec.load()
     if dataset.fingerprint != info.data["fingerprint"]:
@@ -160,6 +158,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     D.init(env)
     try:
         snap = load_snapshot_network(path, env.device, ema)
+        nimg = snap.nimg
         net = guided(snap.net, guiding_network(gnet, env.device), guidance)
         profile = profile_label(snap.meta, ema)
         extractor, sha = load_inception(inception, env.device)
@@ -209,16 +208,10 @@ def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str 
                 class_label: int | None = None, device: str = "auto", guidance: float = 1.0,
                 gnet: str | None = None, ema: str | None = None) -> Path:
     """`edm-opt sample`: a PNG grid of the images for `seeds` from a snapshot (guided by `gnet` if w != 1)."""
-    if guidance != 1 and gnet is None:
-        raise EvaluationError(f"--guidance {guidance:g} needs --gnet (the guiding network)")
     env = D.read_env(device)
-    nimg, path = snapshot_file(RunDir(run_dir), snapshot, None, None)
+    path = snapshot_file(RunDir(run_dir), snapshot, None, None)
     snap = load_snapshot_network(path, env.device, ema)
     net = guided(snap.net, guiding_network(gnet, env.device), guidance)
-    if class_label is not None and not net.label_dim:
-        raise EvaluationError(f"--class {class_label}: {path} is an unconditional network (no labels)")
-    if class_label is not None and not 0 <= class_label < net.label_dim:
-        raise EvaluationError(f"--class {class_label}: {path} has classes 0-{net.label_dim - 1}")
     images, _ = generate(net, parse_seeds(seeds), num_steps=steps, device=env.device,
                          class_labels="random" if class_label is None else class_label, progress=True)
     return save_image_grid(images, out, columns=int(math.ceil(math.sqrt(len(images)))))

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import EdmOptError
 from .progress import progress as progress_bar
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -41,6 +42,10 @@ class PerSampleGenerator:
         """One integer per sample, uniform in [0, high)."""
         return torch.stack([torch.randint(high, size=[1], generator=g, device=self.device)
                             for g in self.generators]).flatten()
+
+
+class SamplingError(EdmOptError, ValueError):
+    """A class asked of an unconditional network or outside its range; guidance without a guiding network."""
 
 
 class Guided(torch.nn.Module):
@@ -74,7 +79,7 @@ def guided(net: torch.nn.Module, gnet: torch.nn.Module | None, guidance: float =
     if guidance == 1:
         return net
     if gnet is None:
-        raise ValueError(f"guidance {guidance:g} needs a guiding network (--gnet): an autoguidance snapshot (a "
+        raise SamplingError(f"guidance {guidance:g} needs a guiding network (--gnet): an autoguidance snapshot (a "
                          f"smaller or earlier model of the same data) or an unconditional one")
     return Guided(net, gnet, guidance)
 
@@ -175,9 +180,9 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], batch_size: int = 
         raise ValueError(f"class_labels must be 'random', an int or None, got {class_labels!r}")
     label_dim = denoiser.label_dim
     if isinstance(class_labels, int) and not label_dim:
-        raise ValueError(f"class {class_labels} asked of an unconditional network (it has no labels)")
+        raise SamplingError(f"class {class_labels} asked of an unconditional network (it has no labels)")
     if isinstance(class_labels, int) and not 0 <= class_labels < label_dim:
-        raise ValueError(f"class {class_labels} is outside [0, {label_dim})")
+        raise SamplingError(f"class {class_labels} is outside [0, {label_dim})")
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     C, R = denoiser.img_channels, denoiser.img_resolution
     seeds = list(seeds)
