@@ -1,7 +1,7 @@
 """`make demo`: the whole edm-opt story on one laptop CPU, one timed stage at a time, resumable.
 
 1. J*_sigma of the data: the full estimator against cDOL at L = 256, saved and plotted;
-2. the sweep `sweeps/demo.yaml` (3 model sizes x {edm2, optimal}) trained with torchrun, per-sigma gaps
+2. the sweep `sweeps/demo.yaml` (3 model sizes x {edm2, optimal}) trained on 2 ranks (edm_opt.localrun), per-sigma gaps
    tracked into `<out>/mlflow.db`;
 3. FID and KID of each final model (256 generated images against a 1000-image reference);
 4. the PDF scaling report;
@@ -92,7 +92,7 @@ def run_demo(source: str, out: Path, resolution: int | None = None, sweep_file: 
     out.mkdir(parents=True, exist_ok=True)
     sweep = demo_sweep(doc, sweep_file, dataset, out, tag, duration)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # the sweep's torchrun cells inherit it
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the sweep's cells inherit it
     stage = Stage(out)
 
     with stage("J*_sigma of the data: the full estimator against cDOL"):

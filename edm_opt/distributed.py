@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .localrun import LOCALRUN_ENV, STORE_FD_ENV
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -53,16 +55,26 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
 
 
 def init(env: DistEnv, timeout_s: int = 1800) -> None:
-    """Start the process group (NCCL on CUDA, gloo on CPU) when torchrun launched several processes; each rank
-    then stops (SIGTERM: a checkpoint at the end of its step) when its torchrun agent dies."""
+    """Start the process group (NCCL on CUDA, gloo on CPU) when torchrun or `edm_opt.localrun` launched several
+    processes; each rank stops (SIGTERM: a checkpoint at the end of its step) when its launcher dies. Under localrun
+    the store is the loopback socket the launcher bound (rank 0 hosts it), not one on every interface."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or LOCALRUN_ENV in os.environ
+    if launched:
+        die_with_parent()
     if env.world_size <= 1 or dist.is_initialized():
         return
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        die_with_parent()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if LOCALRUN_ENV not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    fd = os.environ.get(STORE_FD_ENV)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=fd is not None, timeout=timeout,
+                          master_listen_fd=int(fd) if fd is not None else None)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def shutdown() -> None:

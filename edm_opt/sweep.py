@@ -52,7 +52,8 @@ _FIELDS = {f.name: f.default for f in fields(TrainConfig)}
 @dataclass
 class Launch:
     """How each cell runs (edm_opt.launch): `subprocess` (python -m edm_opt.cli train --config FILE) or
-    `torchrun` (nproc_per_node ranks on this node)."""
+    `torchrun` (nproc_per_node ranks on this node, started by edm_opt.localrun: torchrun's environment, every
+    socket on 127.0.0.1)."""
 
     mode: str = "subprocess"
     nproc_per_node: int = 1  # torchrun only
@@ -274,15 +275,13 @@ def config_text(cfg: TrainConfig) -> str:
 
 
 def cell_command(sweep: Sweep, cell: Cell) -> list[str]:
-    """The command line that runs `cell`: `edm-opt train --config <its config file>`, under torchrun for
-    torchrun launches (what --dry-run prints; the file is written when the cell starts)."""
+    """The command line that runs `cell`: `edm-opt train --config <its config file>`, its ranks started by
+    `edm_opt.localrun` (torchrun's variables, every socket on 127.0.0.1) for torchrun launches (what --dry-run
+    prints; the file is written when the cell starts)."""
+    prefix = [sys.executable, "-m"]
     if sweep.launch.mode == "torchrun":
-        torchrun = Path(sys.executable).with_name("torchrun")
-        prefix = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-        prefix += ["--standalone", f"--nproc_per_node={sweep.launch.nproc_per_node}", "-m", "edm_opt.cli", "train"]
-    else:
-        prefix = [sys.executable, "-m", "edm_opt.cli", "train"]
-    return prefix + ["--config", str(sweep.config_path(cell))]
+        prefix += ["edm_opt.localrun", f"--nproc_per_node={sweep.launch.nproc_per_node}", "-m"]
+    return prefix + ["edm_opt.cli", "train", "--config", str(sweep.config_path(cell))]
 
 
 def format_plan(sweep: Sweep, cells: list[Cell] | None = None) -> str:

@@ -124,6 +124,11 @@ def test_cell_config_round_trips_through_train_config(tmp_path):
         args = cell_command(s, cell)
         assert args[:4] == [sys.executable, "-m", "edm_opt.cli", "train"] and args[4:] == ["--config",
                                                                                           str(s.config_path(cell))]
+        ranks = load_sweep(write(tmp_path, {"base": base, "grid": {"schedule": ["optimal"]},
+                                            "launch": {"mode": "torchrun", "nproc_per_node": 2}}, "ranks.yaml"))
+        assert cell_command(ranks, ranks.cells[0])[:8] == [sys.executable, "-m", "edm_opt.localrun",
+                                                          "--nproc_per_node=2", "-m", "edm_opt.cli", "train",
+                                                          "--config"]
         text = config_text(cell_config(cell, "abc"))
         assert "duration: 96Ki" in text and f"run_name: {cell.run_name}" in text
         path = tmp_path / "cell.yaml"
