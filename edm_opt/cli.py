@@ -114,7 +114,9 @@ def estimate(source, resolution, xflip, estimator, sigmas, class_conditional, nu
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--sigmas") from None
     dataset = load_dataset(source, resolution, xflip, progress=True)
-    click.echo(f"{dataset.spec.source}: {dataset.num_images} images {tuple(dataset.images.shape[1:])}, "
+    what = "latents (J* of their scaled means)" if dataset.latent is not None else "images"
+    click.echo(f"{dataset.spec.source}: {dataset.num_images} {what} "
+               f"{(dataset.channels, dataset.resolution, dataset.resolution)}, "
                f"fingerprint {dataset.fingerprint[:16]}", err=True)
     table, cached = estimate_for_dataset(dataset, grid, estimator, class_conditional, num_samples, subset_size,
                                          correction, seed, resolve_device(device), progress=True,
@@ -309,8 +311,8 @@ def fid_reference(source, resolution, xflip, ref_images, inception, device):
     dataset = load_dataset(source, resolution, xflip, progress=True)
     dev = resolve_device(device)
     extractor, _ = load_inception(inception, dev)
-    ref = reference_statistics(dataset.images, dataset.fingerprint, num_images=ref_images, extractor=extractor,
-                               device=dev, progress=True)
+    ref = reference_statistics(dataset.pixel_images(dev), dataset.fingerprint, num_images=ref_images,
+                               extractor=extractor, device=dev, progress=True)
     click.echo(f"{ref.path}: {ref.num_images} images of {dataset.spec.source} (fingerprint {dataset.fingerprint[:16]})")
 
 

@@ -58,7 +58,8 @@ def format_nimg(n: int) -> str:
 
 
 DATA_HELP = ("'digits' (built in), a directory of IDX files (e.g. /usr/share/datasets/fashion-mnist), "
-             "a *-ubyte[.gz] file, an EDM .zip or folder of PNGs, a .npz, or the CIFAR-10 python tarball")
+             "a *-ubyte[.gz] file, an EDM .zip or folder of PNGs (or of .npy latents with their constants in "
+             "dataset.json), a .npz, or the CIFAR-10 python tarball")
 
 
 def option(default, help: str, *, default_text: str | None = None, choices: tuple | None = None,

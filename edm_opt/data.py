@@ -6,9 +6,13 @@ Sources (`load_dataset(source)`):
   train (or `t10k` test) split, labels paired by name (`...-images-idx3-...` -> `...-labels-idx1-...`);
 - an EDM-style ZIP or folder of PNG/JPEG images with optional `dataset.json` (`{"labels": [[name, int], ...]}`);
 - the CIFAR-10 python tarball (`cifar-10-python.tar.gz`);
-- `.npz` with `images` (uint8, NHW, NHWC or NCHW) and optional `labels`.
+- `.npz` with `images` (uint8, NHW, NHWC or NCHW) and optional `labels`;
+- latents (`edm_opt.latents`): an EDM-style ZIP or folder of `.npy` arrays [2C, H, W] (float16/32: the VAE's mean
+  channels, then its std) whose `dataset.json` holds the per-channel constants,
+  `{"labels": ..., "latents": {"raw_mean": [C], "raw_std": [C], "final_mean": 0, "final_std": 0.5}}`.
 
-Images stay uint8 NCHW until a model needs them: `to_float` maps x -> x / 127.5 - 1 (data in [-1, 1]).
+Images stay uint8 NCHW until a model needs them: `to_float` maps x -> x / 127.5 - 1 (data in [-1, 1]); latents stay
+as stored moments, `to_float` gives their scaled means and `x0` a fresh sample per draw.
 The fingerprint is a sha256 over the exact preprocessed uint8 tensor, its labels and the preprocessing
 description; the source path is not part of it (the same pixels from another path are the same data).
 """
@@ -32,6 +36,7 @@ import torch
 
 from . import EdmOptError
 from .fileio import atomic_path
+from .latents import LatentError, LatentScaling, decoder, sample_latents
 from .progress import progress as progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -63,12 +68,14 @@ class DataSpec:
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """uint8 images [N, C, H, W] and optional int64 labels [N], after preprocessing."""
+    """uint8 images [N, C, H, W] and optional int64 labels [N], after preprocessing; for a latent dataset `images`
+    holds the float moments [N, 2C, H, W] and `latent` their constants."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     spec: DataSpec
-    preprocessing: str  # e.g. "none", "pad32", "resize16+xflip": part of the fingerprint
+    preprocessing: str  # e.g. "none", "pad32", "resize16+xflip", "latents(...)": part of the fingerprint
+    latent: LatentScaling | None = None
 
     @property
     def num_images(self) -> int:
@@ -76,7 +83,8 @@ class ImageDataset:
 
     @property
     def channels(self) -> int:
-        return self.images.shape[1]
+        """Channels a model sees (C; a latent dataset stores 2C)."""
+        return self.images.shape[1] // (2 if self.latent else 1)
 
     @property
     def resolution(self) -> int:
@@ -85,7 +93,7 @@ class ImageDataset:
     @property
     def dim(self) -> int:
         """Dimensions per image (C x H x W): the D of per-dimension losses."""
-        return int(np.prod(self.images.shape[1:]))
+        return self.channels * self.resolution ** 2
 
     @property
     def num_classes(self) -> int:
@@ -100,8 +108,23 @@ class ImageDataset:
         return h.hexdigest()
 
     def to_float(self, device=None) -> torch.Tensor:
-        """Images as float32 in [-1, 1]: x / 127.5 - 1."""
-        return self.images.to(device).float() / 127.5 - 1
+        """Images as float32 in [-1, 1]: x / 127.5 - 1; latents: their means, scaled (what J* is computed on)."""
+        return self.x0(slice(None), device, stochastic=False)
+
+    def x0(self, index, device=None, generator: torch.Generator | None = None, stochastic: bool = True) -> torch.Tensor:
+        """Model inputs for the images `index`: x / 127.5 - 1; latents (mean + std eps) scale + shift, eps from
+        `generator` on `device` (the scaled mean when not `stochastic`)."""
+        x = self.images[index].to(device)
+        if self.latent is None:
+            return x.float() / 127.5 - 1
+        return sample_latents(x, self.latent, generator, stochastic)
+
+    def pixel_images(self, device=None) -> torch.Tensor:
+        """uint8 pixels [N, 3|1, R, R] (FID references): the images, or the latents' means decoded by the VAE."""
+        if self.latent is None:
+            return self.images
+        decode = decoder(self.latent, device or "cpu")
+        return torch.cat([decode(self.to_float()[i:i + 16]) for i in range(0, self.num_images, 16)])
 
     def one_hot(self, device=None) -> torch.Tensor | None:
         if self.labels is None:
@@ -115,12 +138,15 @@ class ImageDataset:
             "source": self.spec.source,
             "split": self.spec.split,
             "count": self.num_images,
-            "shape": list(self.images.shape[1:]),
+            "shape": [self.channels, self.resolution, self.resolution],
             "preprocessing": self.preprocessing,
             "fingerprint": self.fingerprint,
             "data_variance_per_dim": float(x.flatten(1).double().var(0, unbiased=False).mean()),
             "num_classes": self.num_classes,
         }
+        if self.latent is not None:
+            info["latents"] = {**self.latent.to_json(), "stored": list(self.images.shape[1:]),
+                               "jstar_on": "the scaled means (deterministic)"}
         if self.labels is not None:
             info["class_counts"] = torch.bincount(self.labels, minlength=self.num_classes).tolist()
         return info
@@ -141,16 +167,25 @@ def load_dataset(source: str, resolution: int | None = None, xflip: bool = False
     if source == "digits":
         if split != "train":
             raise DatasetError("the built-in 'digits' dataset has no test split")
-        (images, labels), abs_source = _load_digits(), "digits"
+        (images, labels), abs_source, latent = _load_digits(), "digits", None
     else:
         path = Path(source).expanduser().resolve()
         abs_source = str(path)
         if not path.exists():
             raise DatasetError(f"dataset {source!r} not found: expected 'digits', a directory of IDX files or "
                                f"images, a .zip, a .npz or the CIFAR-10 python tarball")
-        images, labels = _load_path(path, split, progress)
+        images, labels, latent = _load_path(path, split, progress)
     if images.shape[0] < 2:
         raise DatasetError(f"dataset {abs_source!r} holds {images.shape[0]} image(s); J* and training need at least 2")
+    if latent is not None:
+        if resolution not in (None, images.shape[-1]):
+            raise DatasetError(f"{abs_source}: latents are {images.shape[-1]}x{images.shape[-1]} and cannot be "
+                               f"resized to {resolution}; encode the images at that resolution instead")
+        if xflip:
+            raise DatasetError(f"{abs_source}: x-flipped latents are not the latents of flipped images; encode the "
+                               f"flipped images into the dataset instead of --xflip")
+        spec = DataSpec(abs_source, resolution, xflip, split)
+        return ImageDataset(images.contiguous(), labels, spec, latent.describe(), latent)
     try:
         images, prep = _preprocess(images, resolution)
     except DatasetError as e:
@@ -175,14 +210,14 @@ def _load_path(path: Path, split: str, progress: bool):
     name = path.name.lower()
     if path.is_dir():
         if any("-ubyte" in p.name for p in path.iterdir()):
-            return _load_idx_dir(path, split)
+            return (*_load_idx_dir(path, split), None)
         _no_test_split(path, split)
         return _load_image_collection(_DirFiles(path), path, progress)
     if "-ubyte" in name:
         labels_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
         images = _images_from_idx(path)
         labels = _read_idx(labels_path) if labels_path != path and labels_path.exists() else None
-        return images, _check_labels(labels, len(images), labels_path)
+        return images, _check_labels(labels, len(images), labels_path), None
     if name.endswith(".zip"):
         _no_test_split(path, split)
         try:
@@ -192,9 +227,9 @@ def _load_path(path: Path, split: str, progress: bool):
             raise DatasetError(f"{path}: not a readable ZIP file ({e})") from None
     if name.endswith(".npz"):
         _no_test_split(path, split)
-        return _load_npz(path)
+        return (*_load_npz(path), None)
     if name.endswith((".tar.gz", ".tgz", ".tar")):
-        return _load_cifar10(path, split)
+        return (*_load_cifar10(path, split), None)
     raise DatasetError(f"{path}: unknown dataset format (expected a directory, *-ubyte[.gz], .zip, .npz or "
                        f"the CIFAR-10 python tarball)")
 
@@ -283,11 +318,14 @@ class _ZipFiles:
 
 
 def _load_image_collection(files, path: Path, progress: bool):
+    """(uint8 images, labels, None) from PNG/JPEG files, or (moments, labels, LatentScaling) from .npy latents."""
     from PIL import Image
     names = files.names()
     image_names = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    if not image_names and any(n.lower().endswith(".npy") for n in names):
+        return _load_latent_collection(files, path, progress)
     if not image_names:
-        raise DatasetError(f"{path}: no .png/.jpg images found")
+        raise DatasetError(f"{path}: no .png/.jpg images (or .npy latents) found")
     arrays, mode, size = [], None, None
     for name in progress_bar(image_names, desc=f"reading {path.name}", disable=not progress, unit="img"):
         try:
@@ -308,7 +346,48 @@ def _load_image_collection(files, path: Path, progress: bool):
     labels = None
     if "dataset.json" in names:
         labels = _labels_from_json(files.read("dataset.json"), image_names, path)
-    return torch.from_numpy(np.ascontiguousarray(x)), labels
+    return torch.from_numpy(np.ascontiguousarray(x)), labels, None
+
+
+def _load_latent_collection(files, path: Path, progress: bool):
+    names = files.names()
+    arrays = [n for n in names if n.lower().endswith(".npy")]
+    if "dataset.json" not in names:
+        raise DatasetError(f"{path}: latents (.npy) without dataset.json; a latent dataset needs its scaling "
+                           f"constants there: {{\"latents\": {{\"raw_mean\": [...], \"raw_std\": [...]}}}}")
+    raw = files.read("dataset.json")
+    out, shape = [], None
+    for name in progress_bar(arrays, desc=f"reading {path.name}", disable=not progress, unit="latent"):
+        try:
+            a = np.load(io.BytesIO(files.read(name)), allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError, OSError, EOFError for corrupt files
+            raise DatasetError(f"{path}/{name}: unreadable .npy ({type(e).__name__}: {e})") from None
+        if a.dtype not in (np.float16, np.float32) or a.ndim != 3 or a.shape[0] % 2 or a.shape[1] != a.shape[2]:
+            raise DatasetError(f"{path}/{name}: a latent must be a float16/float32 array [2C, H, H] (mean channels, "
+                               f"then std), got {a.dtype} {list(a.shape)}")
+        if shape is None:
+            shape = a.shape
+        elif a.shape != shape:
+            raise DatasetError(f"{path}/{name}: latent of shape {list(a.shape)}, but {arrays[0]} has {list(shape)}")
+        if not np.isfinite(a).all() or (a[a.shape[0] // 2:] < 0).any():
+            raise DatasetError(f"{path}/{name}: latents must be finite with std channels >= 0")
+        out.append(a)
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise DatasetError(f"{path}/dataset.json: not a JSON object ({e})") from None
+    if meta.get("latents") is None:
+        raise DatasetError(f"{path}/dataset.json: no 'latents' constants (raw_mean, raw_std per channel, "
+                           f"final_mean, final_std); a latent dataset cannot be scaled without them")
+    try:
+        latent = LatentScaling.from_json(meta["latents"], shape[0] // 2, f"{path}/dataset.json")
+    except LatentError as e:
+        raise DatasetError(str(e)) from None
+    labels = _labels_from_json(raw, arrays, path)
+    moments = torch.from_numpy(np.stack(out))
+    return moments if moments.dtype == torch.float16 else moments.float(), labels, latent
 
 
 def _labels_from_json(raw: bytes, image_names: list[str], path: Path):

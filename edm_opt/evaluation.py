@@ -20,6 +20,7 @@ from . import EdmOptError
 from . import contract as C
 from . import distributed as D
 from .data import DataSpec
+from .latents import pixel_decoder, snapshot_scaling
 from .loading import load_model, load_snapshot_network
 from .metrics import extract_features, load_inception, reference_statistics
 from .plots import save_image_grid
@@ -62,7 +63,7 @@ def select_snapshot(run, which: str, uri: str | None = None, run_id: str | None 
 
 
 def generate_features(net, seeds: list[int], extractor, env: D.DistEnv, steps: int = 32, batch: int = 64,
-                      progress: bool = False) -> np.ndarray | None:
+                      progress: bool = False, decode=None) -> np.ndarray | None:
     """Inception features of the images generated for `seeds` (rank 0: all, in seed order; others: None)."""
     mine = seeds[env.rank::env.world_size]
     chunks = []
@@ -70,7 +71,8 @@ def generate_features(net, seeds: list[int], extractor, env: D.DistEnv, steps: i
     if progress and env.is_main:
         batches = progress_bar(batches, desc="generate + embed", unit="batch")
     for i in batches:
-        images, _ = generate(net, mine[i:i + batch], batch_size=batch, num_steps=steps, device=env.device)
+        images, _ = generate(net, mine[i:i + batch], batch_size=batch, num_steps=steps, device=env.device,
+                             decode=decode)
         chunks.append(extract_features(images, extractor, batch_size=batch, device=env.device))
     feats = np.concatenate(chunks) if chunks else np.zeros((0, 2048), np.float32)
     parts = D.gather_objects(env, feats)
@@ -82,7 +84,7 @@ def generate_features(net, seeds: list[int], extractor, env: D.DistEnv, steps: i
     return out
 
 
-def estimate_seconds(net, extractor, env: D.DistEnv, n_images: int, steps: int, batch: int) -> float:
+def estimate_seconds(net, extractor, env: D.DistEnv, n_images: int, steps: int, batch: int, decode=None) -> float:
     """Time generating and embedding `n_images` will take, from a short probe on this device.
 
     The probe runs twice and times the second pass: TorchScript (the Inception network) optimises itself on
@@ -92,7 +94,7 @@ def estimate_seconds(net, extractor, env: D.DistEnv, n_images: int, steps: int, 
     for _ in range(2):
         t = time.perf_counter()
         images, _ = generate(net, range(10 ** 9, 10 ** 9 + probe), batch_size=probe, num_steps=steps,
-                             device=env.device)
+                             device=env.device, decode=decode)
         t_gen = (time.perf_counter() - t) / probe
         t = time.perf_counter()
         extract_features(images, extractor, batch_size=probe, device=env.device)
@@ -155,6 +157,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
     if dataset.fingerprint != info.data["fingerprint"]:
         raise EvaluationError(f"{run.info_path}: the run's data {spec.source} has changed (fingerprint "
                               f"{dataset.fingerprint[:16]}... now, {info.data['fingerprint'][:16]}... at training)")
+    decode = pixel_decoder(dataset.latent, env.device)  # latents: FID needs pixels (LatentError without a VAE)
     D.init(env)
     try:
         snap = load_snapshot_network(path, env.device, ema)
@@ -164,7 +167,7 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
         extractor, sha = load_inception(inception, env.device)
         n_total = len(base) * repeats
         if env.is_main:
-            est = estimate_seconds(net, extractor, env, n_total, steps, batch)
+            est = estimate_seconds(net, extractor, env, n_total, steps, batch, decode)
             echo(f"evaluating {path.name} ({nimg:,} images seen): {n_total:,} generated images "
                  f"({repeats} x {len(base):,}), {steps} Heun steps"
                  + (f", guidance {guidance:g} by {gnet}" if guidance != 1 else "") +
@@ -173,14 +176,14 @@ def evaluate_run(run_dir: str | Path, *, snapshot: str = "latest", num_images: i
         ref = None
         if env.is_main:
             n_ref = ref_images or min(dataset.num_images, 50000)
-            ref = reference_statistics(dataset.images, dataset.fingerprint, num_images=n_ref, extractor=extractor,
-                                       device=env.device, progress=True)
+            ref = reference_statistics(dataset.pixel_images(env.device), dataset.fingerprint, num_images=n_ref,
+                                       extractor=extractor, device=env.device, progress=True)
         D.barrier(env)
         width = (max(base) - min(base) + 1) if seeds else len(base)
         values = []
         for i in range(repeats):
             block = [s + i * width for s in base]
-            feats = generate_features(net, block, extractor, env, steps, batch, progress=True)
+            feats = generate_features(net, block, extractor, env, steps, batch, progress=True, decode=decode)
             if env.is_main:
                 values.append(fid_kid(feats, ref))
                 echo(f"  repeat {i}: seeds {block[0]}-{block[-1]}: FID {values[-1][0]:.3f}  KID {values[-1][1]:.5f}")
@@ -212,8 +215,9 @@ def sample_grid(run_dir: str | Path, seeds: str, out: str | Path, snapshot: str 
     path = snapshot_file(RunDir(run_dir), snapshot, None, None)
     snap = load_snapshot_network(path, env.device, ema)
     net = guided(snap.net, guiding_network(gnet, env.device), guidance)
+    decode = pixel_decoder(snapshot_scaling(snap.meta), env.device)  # LatentError for latents without a VAE
     images, _ = generate(net, parse_seeds(seeds), num_steps=steps, device=env.device,
-                         class_labels="random" if class_label is None else class_label, progress=True)
+                         class_labels="random" if class_label is None else class_label, progress=True, decode=decode)
     return save_image_grid(images, out, columns=int(math.ceil(math.sqrt(len(images)))))
 
 
@@ -223,18 +227,19 @@ class TrainingFID:
     def __init__(self, dataset, env: D.DistEnv, num_images: int, ref_images: int | None, steps: int = 32,
                  batch: int = 64):
         self.env, self.num_images, self.steps, self.batch = env, num_images, steps, batch
+        self.decode = pixel_decoder(dataset.latent, env.device)  # LatentError: FID of latents needs the VAE
         self.extractor, self.sha = load_inception(None, env.device)
         self.ref = None
         if env.is_main:
             n_ref = ref_images or min(dataset.num_images, 50000)
-            self.ref = reference_statistics(dataset.images, dataset.fingerprint, num_images=n_ref,
+            self.ref = reference_statistics(dataset.pixel_images(env.device), dataset.fingerprint, num_images=n_ref,
                                             extractor=self.extractor, device=env.device, progress=True)
 
     def __call__(self, net) -> dict | None:
         """{'fid', 'kid', 'fid/num_images'} on rank 0, None on the others."""
         with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
             feats = generate_features(net, list(range(self.num_images)), self.extractor, self.env, self.steps,
-                                      self.batch)
+                                      self.batch, decode=self.decode)
         if feats is None:
             return None
         fid, kid = fid_kid(feats, self.ref)

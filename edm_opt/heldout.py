@@ -37,8 +37,8 @@ class HeldOutSet:
         g = torch.Generator().manual_seed(seed & (2 ** 63 - 1))
         k = len(sigmas)
         idx = torch.randint(dataset.num_images, (k * per_sigma,), generator=g)
-        noise = torch.randn(k * per_sigma, *dataset.images.shape[1:], generator=g)
-        x0 = dataset.images[idx].float() / 127.5 - 1
+        noise = torch.randn(k * per_sigma, dataset.channels, dataset.resolution, dataset.resolution, generator=g)
+        x0 = dataset.x0(idx, stochastic=False)  # latents: their scaled means, as J* is computed
         sigma = torch.tensor(np.repeat(sigmas, per_sigma), dtype=torch.float32)
         labels = None
         if class_conditional:

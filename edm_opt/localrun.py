@@ -1,4 +1,4 @@
-"""`python -m edm_opt.localrun --nproc_per_node=N -m MODULE ARGS...`: N ranks on this machine, every socket on 127.0.0.1.
+"""`python -m edm_opt.localrun --nproc_per_node=N -m MODULE ARGS...`: N ranks on this machine, sockets on 127.0.0.1.
 
 `torchrun --standalone` hosts its rendezvous store on all interfaces (TCPStore binds the wildcard address whatever
 host it is given), so anyone who reaches the machine could join or disturb a job. The single-node runs edm-opt

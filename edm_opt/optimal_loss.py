@@ -622,6 +622,14 @@ def _params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def table_dataset(dataset) -> dict:
+    """What a J* (or J*_up) table records of its data; for latents, that J* is of their scaled means."""
+    d = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint, "preprocessing": dataset.preprocessing}
+    if dataset.latent is not None:
+        d["jstar_on"] = "the latents' scaled means (deterministic; training draws mean + std eps)"
+    return d
+
+
 def jstar_cache_path(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
                      num_samples: int | None = None, subset_size: int | None = None,
                      correction: float | None = None, seed: int = 0) -> Path:
@@ -676,8 +684,7 @@ def upper_bound_for_dataset(dataset, sigmas, class_conditional: bool = False, nu
             raise JStarMismatch(f"{path}: rank 0 wrote a J*_up entry that does not belong to this data")
     upper = estimate_upper_bound(dataset.to_float(), sigmas, dataset.labels if class_conditional else None,
                                  num_samples, seed, device, progress)
-    upper.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
-                             "preprocessing": dataset.preprocessing}
+    upper.meta["dataset"] = table_dataset(dataset)
     if use_cache:
         write_json(path, upper.to_json())
     return upper
@@ -705,8 +712,7 @@ def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditi
     if table is None:
         table = estimate_optimal_loss(dataset.to_float(), sigmas, estimator, num_samples, subset_size, correction,
                                       dataset.labels if class_conditional else None, seed, device, progress)
-        table.meta["dataset"] = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
-                                 "preprocessing": dataset.preprocessing}
+        table.meta["dataset"] = table_dataset(dataset)
         if use_cache:
             table.save(path)
     if upper:

@@ -211,7 +211,8 @@ def save_snapshot(run_dir: RunDir, recorder: RunRecorder, history: C.PerSigmaHis
     path = run_dir.save_snapshot({
         "net": emas[0].net.state_dict(), "ema": emas[0].name, "nimg": nimg, "network": network,
         "ema_profiles": {e.name: e.net.state_dict() for e in emas[1:]},
-        "data": {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint},
+        "data": {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint,
+                 **({"latents": dataset.latent.to_json()} if dataset.latent is not None else {})},
         "class_conditional": class_conditional, "edm_opt_version": __version__}, nimg)
     recorder.logger.log_artifact(write_json(run_dir.path / C.PER_SIGMA_ARTIFACT, history.to_json(), indent=None))
     if len(history):

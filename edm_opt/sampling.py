@@ -167,8 +167,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(denoiser: torch.nn.Module, seeds: Sequence[int], batch_size: int = 64, num_steps: int = 32,
              class_labels: str | int | None = "random", device: torch.device | str | None = None,
-             progress: bool = False, **sampler_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+             progress: bool = False, decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             **sampler_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images for `seeds` as the official generator makes them: (uint8 N x C x R x R on CPU, labels or None).
+    `decode` maps the final latents to uint8 pixels (a latent model's VAE, edm_opt.latents); default `to_uint8`.
 
     Per sample: a generator seeded `seed % 2**32` on the sampling device draws the C x R x R noise, then
     (conditional nets, `class_labels="random"`) the class index uniform in [0, label_dim). An int fixes
@@ -201,7 +203,7 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], batch_size: int = 
                 labels.append(idx.cpu())
                 one_hot = torch.nn.functional.one_hot(idx, label_dim).float()
             x = heun_sample(denoiser, noise, one_hot, num_steps=num_steps, seeds=rnd, **sampler_kwargs)
-            images.append(to_uint8(x).cpu())
+            images.append((to_uint8(x) if decode is None else decode(x)).cpu())
     return torch.cat(images), (torch.cat(labels) if labels else None)
 
 

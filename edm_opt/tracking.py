@@ -119,6 +119,8 @@ class RunLogger:
         self._stop = False
         self._down_since: float | None = None
         self._sent = 0
+        self._last_drain = 0.0  # monotonic time the thread last started sending the queue (once per interval)
+        self._urgent = False  # a flush or the end waits: send without pausing
         self._thread = threading.Thread(target=self._worker, name="edm-opt-mlflow", daemon=True)
         self._thread.start()
         self._monitor = None
@@ -271,12 +273,16 @@ class RunLogger:
         """Wait until everything queued is sent (True) or `timeout` seconds pass (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            self._cv.notify()
-            while self._ops:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cv.wait(timeout=0.2 if left is None else min(0.2, left))
+            self._urgent = True
+            self._cv.notify_all()
+            try:
+                while self._ops:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(timeout=0.2 if left is None else min(0.2, left))
+            finally:
+                self._urgent = False
         return True
 
     def finish(self, status: str = "FINISHED", timeout: float = 300.0) -> bool:
@@ -343,13 +349,20 @@ class RunLogger:
             self._client.log_artifact(self.run_id, batch[0][1], batch[0][2])
 
     def _worker(self) -> None:
-        backoff = 1.0
+        backoff, draining, quota = 1.0, False, 0  # quota: items queued when this drain began
         while True:
-            with self._cv:
-                while not self._ops and not self._stop:
-                    self._cv.wait(timeout=self.flush_interval)
+            with self._cv:  # coalesce: drain once per flush_interval; at once for a flush, the end, a full batch
+                while not self._stop and not self._urgent and not draining:
+                    wait = self.flush_interval - (time.monotonic() - self._last_drain)
+                    if self._ops and (wait <= 0 or len(self._ops) >= MAX_BATCH):
+                        break
+                    self._cv.wait(timeout=self.flush_interval if not self._ops else wait)
                 if self._stop and (not self._ops or self._down_since is not None):
                     return
+            if not draining:
+                self._last_drain = time.monotonic()
+                with self._cv:
+                    quota = len(self._ops)
             batch = self._take()
             if not batch:
                 continue
@@ -374,6 +387,8 @@ class RunLogger:
                 for _ in batch:
                     self._ops.popleft()
                 self._sent += len(batch)
+                quota -= len(batch)
+                draining = quota > 0 and bool(self._ops)  # what arrived since waits for the next interval
                 self._cv.notify_all()
             if self._down_since is not None:
                 self._say(f"tracking store reachable again after {time.monotonic() - self._down_since:.0f} s; "

@@ -35,6 +35,7 @@ from .ema import EMA, parse_profiles
 from .evaluation import TrainingFID
 from .fileio import write_json
 from .heldout import HeldOutSet, heldout_losses
+from .latents import VAE_NAME, LatentError, decoder, preview
 from .networks import get_preset
 from .networks.presets import ARCHITECTURES, network_kwargs
 from .optimal_loss import resolve_jstar, upper_bound_for_dataset, upper_cache_path
@@ -251,6 +252,12 @@ class Trainer:
         torch.manual_seed(r.seed * 1000003 + env.rank)  # dropout
         self.labels = dataset.labels if r.class_conditional else None
         self.fid = TrainingFID(dataset, env, r.fid_images, r.fid_ref_images) if r.fid_every else None
+        self.decode = None  # latents: the VAE decoder for the snapshots' sample grids, when installed
+        if dataset.latent is not None and env.is_main:
+            try:
+                self.decode = decoder(dataset.latent, self.device)
+            except LatentError:
+                self.echo(f"latent data without the VAE decoder ({VAE_NAME}): sample grids show latent channels 0-2")
         self.per_rank = r.batch // env.world_size
         self.micro = min(r.batch_gpu or self.per_rank, self.per_rank)
         self.all_reduce = self._all_reduce if env.active else None
@@ -397,7 +404,7 @@ class Trainer:
         sigmas, errs, total = [], [], 0.0
         chunks = list(idx.split(self.micro))
         for i, j in enumerate(chunks):
-            x0 = self.dataset.images[j].to(self.device).float() / 127.5 - 1
+            x0 = self.dataset.x0(j, self.device, self.noise_gen)  # latents: a fresh mean + std eps per draw
             labels = None
             if self.labels is not None:
                 labels = torch.nn.functional.one_hot(self.labels[j], self.dataset.num_classes).float().to(self.device)
@@ -448,7 +455,10 @@ class Trainer:
             return
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             # a preview: 18 Heun steps (35 evaluations); FID evaluation uses the full 32
-            images, _ = generate(self.emas[0].net, range(64), batch_size=64, num_steps=18, device=self.device)
+            images, _ = generate(self.emas[0].net, range(64), batch_size=64, num_steps=18, device=self.device,
+                                 decode=self.decode)
+        if self.dataset.latent is not None and self.decode is None:
+            images = preview(images)
         network = {"arch": self.preset.arch, "preset": self.r.preset, "kwargs": plain(self.net_kwargs)}
         save_snapshot(self.run_dir, self.recorder, self.reporter.history, self.emas, self.nimg, network,
                       self.r.class_conditional, images, f"{self.r.run_name} at {format_nimg(self.nimg)} images")
