@@ -5,12 +5,13 @@
    shipped sweeps; the default is >= 200) and every 4 steps (stress). Target <= 3%.
 2. Held-out evaluation's share of run time at the default status interval (duration / 64, at least
    training.heldout_floor). Target <= 5%.
-3. Images/s of edm2-mini on digits with 1 and 2 ranks (torchrun, CPU, gloo).
+3. Images/s of edm2-mini on digits with 1 and 2 ranks (torchrun, CPU, gloo); `--only ranks`: torchrun --standalone
+   against edm_opt.localrun at 2 ranks.
 4. The optimal schedule's variants: mean optimiser-step time of each (tracking off, one status) against the
    edm2 schedule's, same network and data; what the weight, the tilted sampler and the gap tracker cost.
 5. With CUDA: edm2-img64-xs forward+backward images/s, fp32 vs bf16 autocast, with and without torch.compile.
 
-Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks] [--only variants|tracking]
+Usage: python benchmarks/training.py [--repeats 3] [--duration 16Ki] [--skip-ranks] [--only variants|tracking|ranks]
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ def one_run(preset: str, duration: str, status_every, logging: bool, **options) 
             os.chdir(cwd)
 
 
-def ranks_throughput(nproc: int, duration: str) -> float:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
+def ranks_throughput(nproc: int, duration: str, launcher: str = "torchrun") -> float:
+    """Training img/s of edm2-mini on digits with `nproc` ranks under torchrun --standalone or edm_opt.localrun."""
+    prefix = ([str(Path(sys.executable).with_name("torchrun")), "--standalone"] if launcher == "torchrun"
+              else [sys.executable, "-m", "edm_opt.localrun"])
     with tempfile.TemporaryDirectory() as d:
-        out = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "runners" / "train.py"),
+        out = subprocess.run([*prefix, f"--nproc_per_node={nproc}", str(ROOT / "runners" / "train.py"),
                               "--data", "digits", "--preset", "edm2-mini", "--duration", duration, "--status-every",
                               duration, "--snapshot-every", duration, "--checkpoint-every", duration],
                              cwd=d, capture_output=True, text=True,
@@ -158,9 +161,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", default="16Ki")
     ap.add_argument("--skip-ranks", action="store_true")
-    ap.add_argument("--only", choices=["variants", "tracking"], default=None, help="Run one section only.")
+    ap.add_argument("--only", choices=["variants", "tracking", "ranks"], default=None, help="Run one section only.")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.only == "ranks":  # the launchers side by side, interleaved, best of the repeats
+        rates = {"torchrun": [], "localrun": []}
+        for _ in range(args.repeats):
+            for launcher, sink in rates.items():
+                sink.append(ranks_throughput(2, args.duration, launcher))
+        t, l_ = max(rates["torchrun"]), max(rates["localrun"])
+        print(f"[ranks] edm2-mini on digits, 2 ranks: torchrun --standalone {t:.0f} img/s, edm_opt.localrun "
+              f"{l_:.0f} img/s ({l_ / t:.2f}x)")
+        return
     one_run("edm2-nano", "2Ki", 512, True)  # warm caches: J*, J*_up, mlflow import, sqlite creation
     if args.only == "variants":
         variant_step_times(args.repeats, args.duration)

@@ -98,7 +98,8 @@ def run_demo(source: str, out: Path, resolution: int | None = None, sweep_file: 
     with stage("J*_sigma of the data: the full estimator against cDOL"):
         jstar_stage(stage, dataset, out)
     sizes, schedules = (sorted({getattr(c.resolved, k) for c in sweep.cells}) for k in ("preset", "schedule"))
-    with stage(f"Sweep: {len(sizes)} model sizes x {{{', '.join(schedules)}}} on {tag}, {sweep.launch.mode}, "
+    ranks = f"{sweep.launch.nproc_per_node} ranks" if sweep.launch.mode == "torchrun" else "1 process"
+    with stage(f"Sweep: {len(sizes)} model sizes x {{{', '.join(schedules)}}} on {tag}, {ranks} each, "
                f"per-sigma gaps to MLflow"):
         result = sweep_stage(stage, sweep)
     with stage(f"FID and KID of each final model ({fid_images} generated images vs a {fid_ref_images}-image "

@@ -106,7 +106,7 @@ class RunLogger:
     """One MLflow run, written from a background thread in batches; never raises into training."""
 
     def __init__(self, uri: str, run_id: str, pending_path: Path | None = None, skip_until_step: int = -1,
-                 flush_interval: float = 2.0, verbose: bool = True, attached: bool = True):
+                 flush_interval: float = 5.0, verbose: bool = True, attached: bool = True):
         self.uri, self.run_id = uri, run_id
         self.pending_path = pending_path
         self.skip_until_step = skip_until_step  # after a resume: steps already in the store are not sent again
