@@ -124,7 +124,7 @@ class ImageDataset:
         if self.latent is None:
             return self.images
         decode = decoder(self.latent, device or "cpu")
-        return torch.cat([decode(self.to_float()[i:i + 16]) for i in range(0, self.num_images, 16)])
+        return torch.cat([decode(self.x0(slice(i, i + 16), stochastic=False)) for i in range(0, self.num_images, 16)])
 
     def one_hot(self, device=None) -> torch.Tensor | None:
         if self.labels is None:
