@@ -46,7 +46,8 @@ t = torch.ones(1)
 D.all_reduce_sum(env, t)
 mine = listening(os.getpid()) + (listening(os.getppid()) if env.rank == 0 else [])
 D.barrier(env)
-print(json.dumps({"rank": env.rank, "world": env.world_size, "sum": t.item(), "listen": mine}), flush=True)
+with open(os.path.join(sys.argv[2], f"rank-{env.rank}.json"), "w") as f:  # a file each: stdout lines interleave
+    json.dump({"rank": env.rank, "world": env.world_size, "sum": t.item(), "listen": mine}, f)
 D.barrier(env)
 '''
 
@@ -62,10 +63,10 @@ def env():
 
 
 def test_ranks_reduce_and_listen_on_loopback_only(tmp_path):
-    out = subprocess.run(LAUNCH + ["--nproc_per_node=3", script(tmp_path), "ok"], capture_output=True, text=True,
-                         timeout=120, env=env())
+    out = subprocess.run(LAUNCH + ["--nproc_per_node=3", script(tmp_path), "ok", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=env())
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted((json.loads(x) for x in out.stdout.splitlines()), key=lambda d: d["rank"])
+    lines = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank-*.json")), key=lambda d: d["rank"])
     assert [d["rank"] for d in lines] == [0, 1, 2]
     assert all(d["world"] == 3 and d["sum"] == 3.0 for d in lines)
     addresses = [a for d in lines for a, _ in d["listen"]]
@@ -75,8 +76,8 @@ def test_ranks_reduce_and_listen_on_loopback_only(tmp_path):
 
 def test_a_failing_rank_stops_the_others_with_its_exit_code(tmp_path):
     t0 = time.time()
-    out = subprocess.run(LAUNCH + ["--nproc_per_node", "2", script(tmp_path), "fail"], capture_output=True,
-                         text=True, timeout=120, env=env())
+    out = subprocess.run(LAUNCH + ["--nproc_per_node", "2", script(tmp_path), "fail", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env=env())
     assert out.returncode == 3, out.stderr[-3000:]
     assert time.time() - t0 < 100  # rank 0 was stopped, not left to its 60 s collective timeout
 
