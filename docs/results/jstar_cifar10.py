@@ -55,6 +55,8 @@ class Study:
     def __init__(self, dataset, progress: bool):
         self.dataset, self.progress, self.rows = dataset, progress, []
         self.data_variance = {}  # per-dimension variance, by class_conditional (pooled within class)
+        x = dataset.to_float()  # converted once: estimate_for_dataset converts per call (3 s for CIFAR-10)
+        object.__setattr__(dataset, "to_float", lambda device=None: x)  # ImageDataset is frozen
 
     def estimate(self, part: str, cond: bool, estimator: str, sigmas, m: int, L: int | None = None,
                  C: float | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
