@@ -29,6 +29,7 @@ from edm_opt.data import load_dataset
 from edm_opt.diffusion import sigma_grid, sigma_key
 from edm_opt.fileio import atomic_path
 from edm_opt.optimal_loss import OptimalLossTable, estimate_for_dataset
+from edm_opt.plots import figure, save_figure
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1].parent / "shared" / "datasets" / "cifar10-train-jpeg.zip"
@@ -198,13 +199,8 @@ def main() -> None:
 
 
 def plot(curves: dict, grid: np.ndarray, path: Path) -> None:
-    import matplotlib  # optional, slow: only this script plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tables = [k for k in curves if k != "fig1c"]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    fig, axes = figure(2, 2, figsize=(10, 7.5))
     for ax, name in zip(axes[0], tables):
         ref = curves[name]["full (reference)"]
         ok = ref > 0
@@ -230,9 +226,7 @@ def plot(curves: dict, grid: np.ndarray, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="M (queries) or L (subset)", title="convergence, ln sigma = 1.25")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from edm_opt.data import load_dataset
 from edm_opt.diffusion import sigma_grid, sigma_key
 from edm_opt.fileio import atomic_path
 from edm_opt.optimal_loss import estimate_for_dataset
+from edm_opt.plots import figure, save_figure
 
 HERE = Path(__file__).resolve().parent
 SHOWN_SIGMAS = (0.47, 0.67, 0.94, 1.32, 1.86, 2.62, 5.19, 20.4)  # table columns (nearest grid sigmas); J* ~ 0 below
@@ -88,12 +89,7 @@ def main() -> None:
 
 
 def plot(results: dict, grid: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 6.5), sharex=True)
+    fig, axes = figure(2, len(results), figsize=(4 * len(results), 6.5), sharex=True)
     for j, (name, rows) in enumerate(results.items()):
         full = rows[0][1]
         for label, tab, _ in rows:
@@ -106,9 +102,7 @@ def plot(results: dict, grid: np.ndarray, path: Path) -> None:
         axes[1, j].set(xscale="log", xlabel="sigma", ylabel="cDOL / full - 1")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
