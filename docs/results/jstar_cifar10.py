@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edm_opt import EdmOptError
 from edm_opt.data import load_dataset
 from edm_opt.diffusion import sigma_grid, sigma_key
 from edm_opt.fileio import atomic_path
@@ -230,4 +231,7 @@ def plot(curves: dict, grid: np.ndarray, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EdmOptError as e:  # bad --data: one line, nothing written (every output goes through atomic_path)
+        raise SystemExit(f"jstar_cifar10.py: {e}")
