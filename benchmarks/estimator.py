@@ -6,6 +6,9 @@
    (60000 x 784): wall time, and the ratio to its GEMMs (one sigma's worth timed, per sigma). Target <= 1.5.
 3. J*_up (J*_lin + J*_LOO at its default M) against the J* table that training estimates (cDOL, defaults), on
    digits and on Fashion-MNIST (--up-sigmas grid sigmas of both; both costs are per sigma).
+4. cDOL at the lowest grid sigma (nearly every softmax weight clamped) against the highest, on Fashion-MNIST:
+   target ~1. Subnormal floats take a slow path on x86 CPUs: with the clamp at e^-87 this ratio was ~60 on a
+   Xeon (5.0 s per block), ~1 on AMD EPYC.
 
 Repetitions are interleaved and the minimum is kept (the machines are shared and noisy).
 Usage: python benchmarks/estimator.py [--device cuda] [--fashion PATH] [--sigmas 32] [--skip-fashion]
@@ -130,6 +133,12 @@ def main():
           f"ratio {t_one_est / t_one_gemm:.3f} (target <= 1.5); whole run vs GEMMs "
           f"{total / (len(grid) * t_one_gemm):.3f}")
     print(f"[cdol] J* at sigma = {grid[len(grid) // 2]:.3g}: {table.values[len(grid) // 2]:.5f}")
+
+    m = 8 * QUERY_BLOCK
+    t_sig = {s: min(timed(lambda: estimate_optimal_loss(data, [s], "cdol", m, subset, device=dev), dev)
+                    for _ in range(args.repeats)) for s in (0.002, 80.0)}
+    print(f"[sigma range] cDOL, M={m}: sigma 0.002 {t_sig[0.002]:.3f} s, sigma 80 {t_sig[80.0]:.3f} s, "
+          f"ratio {t_sig[0.002] / t_sig[80.0]:.2f} (target ~1: no subnormal slow path)")
 
 
 if __name__ == "__main__":

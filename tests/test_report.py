@@ -371,6 +371,43 @@ def test_variants_are_series_each_against_its_own_base(tmp_path):
     assert {(r["schedule"], r["variant"]) for r in rows} == {(label, v or "") for _, _, v, _, _, label in VARIANT_RUNS}
     assert sorted(r["seed"] for r in rows) == ["3"] * 12 + ["4"] * 12
 
+    # docs/results/schedule_tables.py on these CSVs: one folder, or the runs split over two folders (two sittings of
+    # a study), merged to the same tables; two runs of one (preset, series, seed) are an error naming the file.
+    def tables(*dirs: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "docs/results/schedule_tables.py"), *map(str, dirs)],
+                              capture_output=True, text=True, timeout=60)
+    whole = tables(tmp_path / "csv")
+    assert whole.returncode == 0, whole.stderr
+    gap = {(r["preset"], r["schedule"], r["seed"]): float(r["ref_gap"]) for r in rows}
+    label = "optimal[base-below]/edm2"
+    ratio = np.mean([gap[("p0", label, seed)] / gap[("p0", "edm2", seed)] for seed in ("3", "4")])
+    assert ratio == pytest.approx(0.7, rel=0.05)
+    row = next(line for line in whole.stdout.splitlines() if line.startswith(f"| p0 | {label} | 2 |"))
+    assert f"| {ratio:.3f} |" in row
+    with open(tmp_path / "csv" / "per_sigma_final.csv") as fh:
+        per_sigma = list(csv.DictReader(fh))
+    for seed in ("3", "4"):
+        part = tmp_path / f"csv-s{seed}"
+        part.mkdir()
+        mine = [r for r in rows if r["seed"] == seed]
+        names = {r["run_name"] for r in mine}
+        for name, part_rows in (("runs.csv", mine), ("per_sigma_final.csv",
+                                                    [r for r in per_sigma if r["run_name"] in names])):
+            with open(part / name, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(part_rows[0]))
+                w.writeheader()
+                w.writerows(part_rows)
+    merged = tables(tmp_path / "csv-s3", tmp_path / "csv-s4")
+    assert merged.returncode == 0 and merged.stdout == whole.stdout
+    clash = tables(tmp_path / "csv-s3", tmp_path / "csv")  # seed 3's runs again, but renamed below
+    assert clash.returncode == 0 and clash.stdout == whole.stdout
+    renamed = tmp_path / "csv-renamed"
+    shutil.copytree(tmp_path / "csv-s3", renamed)
+    text = (renamed / "runs.csv").read_text()
+    (renamed / "runs.csv").write_text(text.replace(f"{label}-p0-s3", "another-run"))
+    clash = tables(tmp_path / "csv", renamed)
+    assert clash.returncode != 0 and str(renamed / "runs.csv") in clash.stderr and "another-run" in clash.stderr
+
 
 def test_one_variant_keeps_the_labels_of_before(tmp_path):
     """One variant and the same constants: `optimal` (one base) or `optimal/<base>` (several), whatever the

@@ -2,6 +2,10 @@
 
     edm-opt report --experiment schedule-variants-fashion-mnist --out variants.pdf --csv variants-csv
     python docs/results/schedule_tables.py variants-csv > docs/results/schedule-stage1.md
+    python docs/results/schedule_tables.py docs/results/schedule-stage2-csv/* > docs/results/schedule-stage2.md
+
+Several folders are merged: a study that runs over several sittings (stage 2) keeps one folder of report CSVs per
+sitting. A run finished in two folders must have the same name; the later folder's row wins.
 
 Every run (final reference gap, KID, FID); each (size, series) over seeds against its own base and against
 edm2 (ratios per seed, then their mean over seeds); the per-sigma gap ratios to edm2 by band of the grid, their
@@ -54,22 +58,29 @@ def geomean(x) -> float:
 
 
 class Study:
-    """The runs of one report, keyed by (preset, series, seed)."""
+    """The runs of one or more reports, keyed by (preset, series, seed)."""
 
-    def __init__(self, csv_dir: Path):
-        missing = [n for n in ("runs.csv", "per_sigma_final.csv") if not (csv_dir / n).is_file()]
-        if missing:
-            raise SystemExit(f"{csv_dir}: no {', '.join(missing)}; write them with `edm-opt report --csv {csv_dir}`")
+    def __init__(self, csv_dirs: list[Path]):
         self.runs = {}
-        for r in read(csv_dir / "runs.csv"):
-            if r["nimg"] in ("", "None") or r["status"] != "FINISHED":  # a stopped or running cell is not a result
-                continue
-            key = (r["preset"], r["schedule"], int(num(r["seed"])) if r["seed"] not in ("", "None") else -1)
-            self.runs[key] = {"name": r["run_name"], "ref_gap": num(r["ref_gap"]), "kid": num(r["kid"]),
-                              "fid": num(r["fid"]), "nimg": int(r["nimg"]), "params": int(r["param_count"])}
         self.per_sigma = defaultdict(dict)  # run name -> sigma -> row
-        for r in read(csv_dir / "per_sigma_final.csv"):
-            self.per_sigma[r["run_name"]][num(r["sigma"])] = r
+        for csv_dir in csv_dirs:
+            missing = [n for n in ("runs.csv", "per_sigma_final.csv") if not (csv_dir / n).is_file()]
+            if missing:
+                raise SystemExit(f"{csv_dir}: no {', '.join(missing)}; write them with "
+                                 f"`edm-opt report --csv {csv_dir}`")
+            for r in read(csv_dir / "runs.csv"):
+                if r["nimg"] in ("", "None") or r["status"] != "FINISHED":  # a stopped or running cell: no result
+                    continue
+                key = (r["preset"], r["schedule"], int(num(r["seed"])) if r["seed"] not in ("", "None") else -1)
+                if key in self.runs and self.runs[key]["name"] != r["run_name"]:
+                    raise SystemExit(f"{csv_dir / 'runs.csv'}: {key} is run {r['run_name']} here and "
+                                     f"{self.runs[key]['name']} in an earlier folder; merge one study only")
+                self.runs[key] = {"name": r["run_name"], "ref_gap": num(r["ref_gap"]), "kid": num(r["kid"]),
+                                  "fid": num(r["fid"]), "nimg": int(r["nimg"]), "params": int(r["param_count"])}
+            for r in read(csv_dir / "per_sigma_final.csv"):
+                self.per_sigma[r["run_name"]][num(r["sigma"])] = r
+        if not self.runs:
+            raise SystemExit(f"{', '.join(map(str, csv_dirs))}: no finished run")
         first = next(iter(self.per_sigma.values()))
         self.sigmas = np.array(sorted(first))
         jstar = np.array([num(first[s]["jstar"]) for s in self.sigmas])
@@ -114,8 +125,8 @@ class Study:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("csv_dir", type=Path, help="the folder of `edm-opt report --csv`")
-    st = Study(ap.parse_args().csv_dir)
+    ap.add_argument("csv_dirs", type=Path, nargs="+", help="folders of `edm-opt report --csv` (merged)")
+    st = Study(ap.parse_args().csv_dirs)
     out = [f"sigma* = {st.sigma_star:.4g} (largest grid sigma with J* < 1e-3 J*_max); seeds {st.seeds}.", ""]
 
     out += ["### Every run", ""]
