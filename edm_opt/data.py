@@ -345,7 +345,7 @@ def _load_image_collection(files, path: Path, progress: bool):
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     labels = None
     if "dataset.json" in names:
-        labels = _labels_from_json(files.read("dataset.json"), image_names, path)
+        labels = _labels_from_json(_dataset_json(files.read("dataset.json"), path), image_names, path)
     return torch.from_numpy(np.ascontiguousarray(x)), labels, None
 
 
@@ -355,8 +355,11 @@ def _load_latent_collection(files, path: Path, progress: bool):
     if "dataset.json" not in names:
         raise DatasetError(f"{path}: latents (.npy) without dataset.json; a latent dataset needs its scaling "
                            f"constants there: {{\"latents\": {{\"raw_mean\": [...], \"raw_std\": [...]}}}}")
-    raw = files.read("dataset.json")
-    out, shape = [], None
+    meta = _dataset_json(files.read("dataset.json"), path)
+    if meta.get("latents") is None:  # before any array is read: a latent dataset is useless without them
+        raise DatasetError(f"{path}/dataset.json: no 'latents' constants (raw_mean, raw_std per channel, "
+                           f"final_mean, final_std); a latent dataset cannot be scaled without them")
+    out, shape, latent = [], None, None
     for name in progress_bar(arrays, desc=f"reading {path.name}", disable=not progress, unit="latent"):
         try:
             a = np.load(io.BytesIO(files.read(name)), allow_pickle=False)
@@ -367,35 +370,33 @@ def _load_latent_collection(files, path: Path, progress: bool):
                                f"then std), got {a.dtype} {list(a.shape)}")
         if shape is None:
             shape = a.shape
+            try:  # the constants against the first array's channels, before the others are read
+                latent = LatentScaling.from_json(meta["latents"], shape[0] // 2, f"{path}/dataset.json")
+            except LatentError as e:
+                raise DatasetError(str(e)) from None
         elif a.shape != shape:
             raise DatasetError(f"{path}/{name}: latent of shape {list(a.shape)}, but {arrays[0]} has {list(shape)}")
         if not np.isfinite(a).all() or (a[a.shape[0] // 2:] < 0).any():
             raise DatasetError(f"{path}/{name}: latents must be finite with std channels >= 0")
         out.append(a)
-    try:
-        meta = json.loads(raw)
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise DatasetError(f"{path}/dataset.json: not a JSON object ({e})") from None
-    if meta.get("latents") is None:
-        raise DatasetError(f"{path}/dataset.json: no 'latents' constants (raw_mean, raw_std per channel, "
-                           f"final_mean, final_std); a latent dataset cannot be scaled without them")
-    try:
-        latent = LatentScaling.from_json(meta["latents"], shape[0] // 2, f"{path}/dataset.json")
-    except LatentError as e:
-        raise DatasetError(str(e)) from None
-    labels = _labels_from_json(raw, arrays, path)
+    labels = _labels_from_json(meta, arrays, path)
     moments = torch.from_numpy(np.stack(out))
     return moments if moments.dtype == torch.float16 else moments.float(), labels, latent
 
 
-def _labels_from_json(raw: bytes, image_names: list[str], path: Path):
+def _dataset_json(raw: bytes, path: Path) -> dict:
+    """`dataset.json` of a folder or zip, parsed once: a JSON object, or DatasetError naming the file."""
     try:
         meta = json.loads(raw)
-        entries = meta.get("labels")
-    except (ValueError, AttributeError) as e:
-        raise DatasetError(f"{path}/dataset.json: not a JSON object with a 'labels' key ({e})") from None
+    except ValueError as e:
+        raise DatasetError(f"{path}/dataset.json: not a JSON object ({e})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}/dataset.json: not a JSON object (a {type(meta).__name__})")
+    return meta
+
+
+def _labels_from_json(meta: dict, image_names: list[str], path: Path):
+    entries = meta.get("labels")
     if entries is None:
         return None
     try:

@@ -698,10 +698,12 @@ def upper_bound_for_dataset(dataset, sigmas, class_conditional: bool = False, nu
 def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditional: bool = False,
                          num_samples: int | None = None, subset_size: int | None = None,
                          correction: float | None = None, seed: int = 0, device=None, progress: bool = False,
-                         use_cache: bool = True, upper: bool = False) -> tuple[OptimalLossTable, Path | None]:
+                         use_cache: bool = True, upper: bool = False,
+                         data: torch.Tensor | None = None) -> tuple[OptimalLossTable, Path | None]:
     """J* of an `ImageDataset` (data in [-1, 1]), stored in / reused from `$EDM_OPT_CACHE/jstar/`.
 
     `upper`: also attach J*_up (`upper_bound_for_dataset`, its own cache entry) as `table.upper`.
+    `data`: `dataset.to_float()`, when the caller already holds it (a study of many estimates converts once).
     """
     if class_conditional and dataset.labels is None:
         raise JStarMismatch(f"{dataset.spec.source}: class-conditional J* needs labels, and this dataset has none")
@@ -715,7 +717,8 @@ def estimate_for_dataset(dataset, sigmas, estimator: str = "cdol", class_conditi
         except JStarMismatch:
             pass  # a stale or damaged cache entry is recomputed below
     if table is None:
-        table = estimate_optimal_loss(dataset.to_float(), sigmas, estimator, num_samples, subset_size, correction,
+        x = dataset.to_float() if data is None else data
+        table = estimate_optimal_loss(x, sigmas, estimator, num_samples, subset_size, correction,
                                       dataset.labels if class_conditional else None, seed, device, progress)
         table.meta["dataset"] = table_dataset(dataset)
         if use_cache:

@@ -83,9 +83,17 @@ def test_reading_sampling_and_the_means(tmp_path):
 ])
 def test_bad_constants_name_the_file_and_key(tmp_path, meta, needle):
     path = write_latents(tmp_path / "bad.zip", n=4, meta=meta)
+    with zipfile.ZipFile(path, "a") as zf:  # a corrupt last latent: the constants are checked before it is read
+        zf.writestr("zzzzz/corrupt.npy", b"not an array")
     with pytest.raises(DatasetError, match="dataset.json") as e:
         load_dataset(str(path))
     assert needle in str(e.value)
+
+
+def test_dataset_json_must_be_an_object(tmp_path):
+    path = write_latents(tmp_path / "list.zip", n=2, meta=[1, 2])
+    with pytest.raises(DatasetError, match=r"list.zip/dataset.json: not a JSON object \(a list\)"):
+        load_dataset(str(path))
 
 
 def test_bad_latent_files_and_options(tmp_path):
