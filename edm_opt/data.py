@@ -36,7 +36,7 @@ import torch
 
 from . import EdmOptError
 from .fileio import atomic_path
-from .latents import LatentError, LatentScaling, decoder, sample_latents
+from .latents import JSTAR_ON, LatentError, LatentScaling, decoder, sample_latents
 from .progress import progress as progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -146,7 +146,7 @@ class ImageDataset:
         }
         if self.latent is not None:
             info["latents"] = {**self.latent.to_json(), "stored": list(self.images.shape[1:]),
-                               "jstar_on": "the scaled means (deterministic)"}
+                               "jstar_on": JSTAR_ON}
         if self.labels is not None:
             info["class_counts"] = torch.bincount(self.labels, minlength=self.num_classes).tolist()
         return info

@@ -21,6 +21,7 @@ import torch
 from . import EdmOptError
 
 VAE_NAME = "stabilityai/sd-vae-ft-mse"  # the VAE EDM2 encodes ImageNet-512 with (diffusers' name)
+JSTAR_ON = "the scaled means (deterministic; training draws mean + std eps)"  # what J* of latents is of
 
 
 class LatentError(EdmOptError, ValueError):

@@ -37,6 +37,7 @@ import torch
 from . import EdmOptError, __version__
 from .diffusion import EDM_DENSITY, LogNormal, edm_weight, reference_total, sigma_key, target_factor
 from .fileio import write_json
+from .latents import JSTAR_ON
 from .progress import progress as progress_bar
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")
@@ -631,7 +632,7 @@ def table_dataset(dataset) -> dict:
     """What a J* (or J*_up) table records of its data; for latents, that J* is of their scaled means."""
     d = {**dataset.spec.to_dict(), "fingerprint": dataset.fingerprint, "preprocessing": dataset.preprocessing}
     if dataset.latent is not None:
-        d["jstar_on"] = "the latents' scaled means (deterministic; training draws mean + std eps)"
+        d["jstar_on"] = JSTAR_ON
     return d
 
 

@@ -147,7 +147,7 @@ def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = {"scaling-digits.yaml": 10, "schedule-fashion-mnist.yaml": 8, "edm2-img64-scaling.yaml": 10,
                 "edm-cifar10-ddpmpp.yaml": 4, "claims-fashion-mnist.yaml": 24, "demo.yaml": 6,
-                "schedule-variants-fashion-mnist.yaml": 20}
+                "schedule-variants-fashion-mnist.yaml": 20, "schedule-stage2-fashion-mnist.yaml": 16}
     shipped = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert set(expected) <= {p.name for p in shipped}
     for path in shipped:
@@ -170,6 +170,16 @@ def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
         {("edm", None), ("optimal", "edm"), ("fm", None), ("optimal", "fm")}
     assert all(c.resolved.preset == "ddpmpp-cifar10" and c.resolved.batch == 512 for c in cifar.cells)
     assert {c.resolved.schedule for c in img64.cells} == {"edm2", "optimal"}
+    # stage 2 of the schedule study: each (preset, seed) block of 4 cells is a paired comparison, seed 0 first
+    stage2 = load_sweep(ROOT / "sweeps" / "schedule-stage2-fashion-mnist.yaml")
+    blocks = [stage2.cells[i:i + 4] for i in range(0, 16, 4)]
+    assert [(b[0].resolved.seed, b[0].resolved.preset) for b in blocks] == [
+        (0, "edm2-nano"), (0, "edm2-tiny"), (1, "edm2-nano"), (1, "edm2-tiny")]
+    assert all([(c.resolved.schedule, c.resolved.base_schedule, c.resolved.opt_variant if c.resolved.schedule ==
+                 "optimal" else None) for c in b] == [("edm2", None, None), ("optimal", "edm2", "edm2-tilt"),
+                                                      ("fm", None, None), ("optimal", "fm", "base-below")]
+               for b in blocks)
+    assert all(c.resolved.duration == 256 * 1024 and c.resolved.fid_images == 1024 for c in stage2.cells)
     # the claims sweep: 3 sizes x {edm2, optimal on edm2, fm, optimal on fm} x 2 seeds at equal images
     claims = load_sweep(ROOT / "sweeps" / "claims-fashion-mnist.yaml")
     assert len({c.resolved.preset for c in claims.cells}) == 3 and {c.resolved.seed for c in claims.cells} == {0, 1}
