@@ -119,12 +119,10 @@ class ImageDataset:
             return x.float() / 127.5 - 1
         return sample_latents(x, self.latent, generator, stochastic)
 
-    def pixel_images(self, device=None) -> torch.Tensor:
-        """uint8 pixels [N, 3|1, R, R] (FID references): the images, or the latents' means decoded by the VAE."""
-        if self.latent is None:
-            return self.images
-        decode = decoder(self.latent, device or "cpu")
-        return torch.cat([decode(self.x0(slice(i, i + 16), stochastic=False)) for i in range(0, self.num_images, 16)])
+    def pixel_images(self, device=None) -> "torch.Tensor | DecodedLatents":
+        """uint8 pixels [N, 3|1, R, R] (FID references): the images, or the latents' means decoded by the VAE
+        when indexed (only the images a reference uses, and none when its statistics are cached)."""
+        return self.images if self.latent is None else DecodedLatents(self, device or "cpu")
 
     def one_hot(self, device=None) -> torch.Tensor | None:
         if self.labels is None:
@@ -154,6 +152,24 @@ class ImageDataset:
 
 # --------------------------------------------------------------------------------------------------
 # Loading
+
+
+class DecodedLatents:
+    """A latent dataset's pixels, decoded by the VAE on indexing: `pixels[index]` is uint8 [len(index), 3, R, R]
+    of the latents' means (what the FID reference compares generated images with). The VAE loads on first use."""
+
+    def __init__(self, dataset: ImageDataset, device, batch: int = 16):
+        self.dataset, self.device, self.batch, self._decode = dataset, device, batch, None
+
+    def __len__(self) -> int:
+        return self.dataset.num_images
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if self._decode is None:
+            self._decode = decoder(self.dataset.latent, self.device)
+        idx = torch.arange(len(self))[index].reshape(-1)
+        return torch.cat([self._decode(self.dataset.x0(idx[i:i + self.batch], stochastic=False))
+                          for i in range(0, idx.numel(), self.batch)])
 
 
 def load_dataset(source: str, resolution: int | None = None, xflip: bool = False, split: str = "train",

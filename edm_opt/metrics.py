@@ -51,7 +51,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Protocol, Union
 
 import numpy as np
 import torch
@@ -497,21 +497,31 @@ def _load_ref(path: Path, fingerprint: str, num_images: int, tag: str) -> RefSta
         return None
 
 
-def reference_statistics(images_uint8: torch.Tensor, fingerprint: str, num_images: int | None = None,
+class IndexedImages(Protocol):
+    """uint8 images [N, 1 or 3, H, W] made when indexed (`data.DecodedLatents`): len, and [index tensor]."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+def reference_statistics(images_uint8: torch.Tensor | IndexedImages, fingerprint: str, num_images: int | None = None,
                          extractor: FeatureExtractor | None = None, device: str | torch.device | None = None,
                          progress: bool = True, batch_size: int = 64) -> RefStats:
     """FID/KID reference statistics of `num_images` (default min(N, 50000)) training images
     uint8 [N, 1 or 3, H, W], cached by dataset fingerprint, image count and extractor in
-    `$EDM_OPT_CACHE/fid-refs/<fingerprint>-n<num_images>-<weights sha256[:12]>.npz`.
+    `$EDM_OPT_CACHE/fid-refs/<fingerprint>-n<num_images>-<weights sha256[:12]>.npz`. `images_uint8` may also be
+    lazy (`len` and indexing by an index tensor, e.g. `data.DecodedLatents`): only the chosen images are made.
 
     The images are the first `num_images` of the fixed permutation `numpy.random.RandomState(0).permutation(N)`
     (deterministic; RandomState's stream is frozen across numpy versions). Computed once, with an estimate of
     the time after the first batch and a progress bar (both on stderr when `progress`); written atomically.
     `extractor=None` uses the real Inception weights (`load_inception`), loaded only on a cache miss."""
-    _check_images(images_uint8)
+    if isinstance(images_uint8, torch.Tensor):  # a lazy source's batches are checked as they are made
+        _check_images(images_uint8)
     if not fingerprint:
         raise ValueError("reference statistics need the dataset fingerprint (got an empty string)")
-    n_total = images_uint8.shape[0]
+    n_total = len(images_uint8)
     n = min(n_total, 50_000) if num_images is None else int(num_images)
     if not 2 <= n <= n_total:
         raise ValueError(f"num_images must be in [2, {n_total}] for this dataset, got {n}")

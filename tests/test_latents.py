@@ -152,3 +152,45 @@ def test_training_on_latents_and_fid_without_a_decoder(tmp_path):
         e = subprocess.run([str(Path(sys.executable).with_name("edm-opt")), *cmd], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
         assert e.returncode != 0 and "VAE decoder" in e.stderr and "Traceback" not in e.stderr, e.stderr[-2000:]
+
+
+class UpsamplingVAE(torch.nn.Module):
+    """Stands in for the SD VAE (an optional download): decode = the first 3 latent channels, 8x nearest-upsampled,
+    squashed to [-1, 1]. Counts the latents it decodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoded = 0
+
+    def decode(self, z):
+        self.decoded += z.shape[0]
+        return {"sample": torch.tanh(z[:, :3]).repeat_interleave(8, 2).repeat_interleave(8, 3)}
+
+
+def test_fid_reference_of_latents_decodes_only_its_images(tmp_path, monkeypatch):
+    """The FID reference of a latent dataset decodes the latents it uses (not the whole dataset), and none when
+    its statistics are cached; the pixels are the decoded scaled means, in the reference's fixed order."""
+    from edm_opt import latents
+    from edm_opt.metrics import reference_statistics
+
+    monkeypatch.setenv("EDM_OPT_CACHE", str(tmp_path / "cache"))
+    vae = UpsamplingVAE()
+    monkeypatch.setitem(latents._VAE, "vae", vae)
+    ds = load_dataset(str(write_latents(tmp_path / "lat.zip", n=96)))
+    pixels = ds.pixel_images()
+    assert len(pixels) == 96 and vae.decoded == 0  # nothing decoded until indexed
+    first = pixels[torch.tensor([5, 2])]
+    assert first.dtype == torch.uint8 and first.shape == (2, 3, 64, 64) and vae.decoded == 2
+    mean = ds.latent.invert(ds.x0([5], stochastic=False))[0, :3, 0, 0]
+    expect = (torch.tanh(mean) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    assert torch.equal(first[0, :, 0, 0], expect)
+
+    feats = lambda x: x.mean((2, 3))  # noqa: E731  [B, 3] features of the resized images
+    ref = reference_statistics(pixels, ds.fingerprint, num_images=24, extractor=feats, progress=False)
+    assert ref.num_images == 24 and vae.decoded == 2 + 24
+    order = torch.from_numpy(np.random.RandomState(0).permutation(96)[:24])
+    np.testing.assert_allclose(ref.mu, feats(torch.nn.functional.interpolate(
+        pixels[order].float(), size=299)).mean(0).numpy(), rtol=0.02)
+    again = reference_statistics(ds.pixel_images(), ds.fingerprint, num_images=24, extractor=feats, progress=False)
+    np.testing.assert_array_equal(again.mu, ref.mu)
+    assert vae.decoded == 2 + 24 + 24  # only the interpolate check above decoded, the cached call nothing
