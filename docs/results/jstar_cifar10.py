@@ -61,8 +61,8 @@ class Study:
 
     def estimate(self, part: str, cond: bool, estimator: str, sigmas, m: int, L: int | None = None,
                  C: float | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-        """J*, standard error and summed wall time (s) at each of `sigmas` (per-dimension x0 MSE, VE sigma)."""
-        vals, ses, wall = [], [], 0.0
+        """J*, standard error and wall time (s) at each of `sigmas` (per-dimension x0 MSE, VE sigma)."""
+        vals, ses, walls = [], [], []
         for s in np.atleast_1d(sigmas):
             tab, _ = estimate_for_dataset(self.dataset, np.array([s]), estimator, cond, num_samples=m,
                                           subset_size=L, correction=C, seed=seed, progress=self.progress,
@@ -70,12 +70,12 @@ class Study:
             w = float(tab.meta["wall_time_s"])
             self.data_variance[cond] = tab.data_variance
             vals.append(tab.values[0]), ses.append(tab.stderr[0])
-            wall += w
+            walls.append(w)
             self.rows.append(dict(part=part, conditioning="class" if cond else "none", estimator=estimator,
                                   L=L or "", C="" if C is None else f"{C:.4g}", M=m, seed=seed,
                                   sigma=f"{s:.6g}", jstar=f"{tab.values[0]:.6g}", stderr=f"{tab.stderr[0]:.3g}",
                                   wall_s=f"{w:.2f}"))
-        return np.array(vals), np.array(ses), wall
+        return np.array(vals), np.array(ses), np.array(walls)
 
 
 def main() -> None:
@@ -110,13 +110,13 @@ def main() -> None:
     conds = (False, True) if n_classes > 1 else (False,)
     for cond in conds:
         name = "class-conditional" if cond else "unconditional"
-        v0, se0, wall0 = study.estimate("full-m0", cond, "full", grid, args.queries)
+        v0, se0, walls0 = study.estimate("full-m0", cond, "full", grid, args.queries)
         var = study.data_variance[cond]
-        ref, ref_se, ref_m, ref_wall = v0.copy(), se0.copy(), np.full(len(grid), args.queries), wall0
+        ref, ref_se, ref_m, ref_walls = v0.copy(), se0.copy(), np.full(len(grid), args.queries), walls0.copy()
         for k in np.nonzero((v0 > 0.01 * var) & (se0 > args.target_rse * np.maximum(v0, 1e-30)))[0]:
             m = int(min(args.full_max, math.ceil(args.queries * (se0[k] / v0[k] / args.target_rse) ** 2)))
-            ref[k:k + 1], ref_se[k:k + 1], w = study.estimate("full-ref", cond, "full", grid[k], m)
-            ref_m[k], ref_wall = m, ref_wall + w - wall0 / len(grid)
+            ref[k:k + 1], ref_se[k:k + 1], ref_walls[k:k + 1] = study.estimate("full-ref", cond, "full", grid[k], m)
+            ref_m[k] = m
         sigma_star = OptimalLossTable(grid, ref, ref_se, {"data_variance": var}).sigma_star
         mask = ref > 0.01 * var
         n = dataset.num_images / (n_classes if cond else 1)
@@ -137,12 +137,12 @@ def main() -> None:
             cells = " | ".join(f"{vals[c]:.4g} ± {ses[c]:.1g}" for c in cols)
             lines.append(f"| {label} | {wall:.1f} | {rel.mean():.3f} | {rel.max():.3f} | {cells} |")
 
-        row("full (reference)", ref, ref_se, ref_wall)
-        row(f"full M={args.queries}", v0, se0, wall0)
+        row("full (reference)", ref, ref_se, ref_walls.sum())
+        row(f"full M={args.queries}", v0, se0, walls0.sum())
         curves[name] = {"full (reference)": ref}
         for label, est, L, C in subset_settings(n):
-            vals, ses, wall = study.estimate("estimators", cond, est, grid, args.queries, L, C)
-            row(label, vals, ses, wall)
+            vals, ses, walls = study.estimate("estimators", cond, est, grid, args.queries, L, C)
+            row(label, vals, ses, walls.sum())
             curves[name][label] = vals
         if cond:
             continue
@@ -165,7 +165,7 @@ def main() -> None:
             c_lab = "1 (DOL)" if f is None else "inf (SNIS)" if f == math.inf else f"{C:.4g}"
             cl_lab = f"{1024 / n:.3g}" if f is None else "inf" if f == math.inf else f"{f:.4g}"
             lines.append(f"| {c_lab} | {cl_lab} | {v.mean() * r[0]:.5g} | {bias:+.3f} | {spread:.3f} | "
-                         f"{math.hypot(bias, spread):.3f} | {np.mean([x[2] for x in runs]):.2f} |")
+                         f"{math.hypot(bias, spread):.3f} | {np.mean([x[2][0] for x in runs]):.2f} |")
             over_c.append((1024 / n if f is None else f, bias, spread))
 
         # Convergence in L (cDOL, C = 4N/L) and in M (full and cDOL L = 4096), same sigma.
@@ -176,14 +176,14 @@ def main() -> None:
         conv_l, conv_m = [], []
         for L in (64, 256, 1024, 4096, 16384):
             v, se, w = study.estimate("conv-L", cond, "cdol", SIGMA_1C, args.queries, L, 4 * n / L)
-            lines.append(f"| {L} | {v[0]:.5g} | {v[0] / r[0] - 1:+.3f} | {se[0]:.2g} | {w:.2f} |")
+            lines.append(f"| {L} | {v[0]:.5g} | {v[0] / r[0] - 1:+.3f} | {se[0]:.2g} | {w[0]:.2f} |")
             conv_l.append((L, v[0] / r[0] - 1))
         lines += ["", "| M | full J* | full stderr | full time (s) | cDOL L=4096 J* | cDOL stderr | cDOL time (s) |",
                   "|---|---|---|---|---|---|---|"]
         for m in (256, 1024, 4096, 16384):
             fv, fse, fw = study.estimate("conv-M", cond, "full", SIGMA_1C, m)
             cv, cse, cw = study.estimate("conv-M", cond, "cdol", SIGMA_1C, m, 4096, 4 * n / 4096)
-            lines.append(f"| {m} | {fv[0]:.5g} | {fse[0]:.2g} | {fw:.1f} | {cv[0]:.5g} | {cse[0]:.2g} | {cw:.1f} |")
+            lines.append(f"| {m} | {fv[0]:.5g} | {fse[0]:.2g} | {fw[0]:.1f} | {cv[0]:.5g} | {cse[0]:.2g} | {cw[0]:.1f} |")
             conv_m.append((m, fse[0] / r[0], cse[0] / r[0]))
         curves["fig1c"] = (over_c, conv_l, conv_m)
 
