@@ -145,7 +145,8 @@ def main() -> None:
             mean = {m: float(np.mean([st.runs[k][m] for k in keys])) for m in ("ref_gap", "kid", "fid")}
             own = base_of(s)
             rows.append([p, s, str(len(keys)), fmt(mean["ref_gap"]), fmt(mean["kid"], ".5f"), fmt(mean["fid"], ".2f"),
-                         f"{100 * st.spread(p, s, 'ref_gap'):.1f}% / {100 * st.spread(p, s, 'kid'):.1f}%",
+                         f"{fmt(100 * st.spread(p, s, 'ref_gap'), '.1f')}% / {fmt(100 * st.spread(p, s, 'kid'), '.1f')}%"
+                         if len(keys) > 1 else "n/a (1 seed)",
                          fmt(st.ratio(p, s, own, "ref_gap"), ".3f") if s != own else "",
                          fmt(st.ratio(p, s, own, "kid"), ".3f") if s != own else "",
                          fmt(st.ratio(p, s, "edm2", "ref_gap"), ".3f"), fmt(st.ratio(p, s, "edm2", "kid"), ".3f"),
