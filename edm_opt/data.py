@@ -150,10 +150,6 @@ class ImageDataset:
         return info
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading
-
-
 class DecodedLatents:
     """A latent dataset's pixels, decoded by the VAE on indexing: `pixels[index]` is uint8 [len(index), 3, R, R]
     of the latents' means (what the FID reference compares generated images with). The VAE loads on first use."""
@@ -170,6 +166,10 @@ class DecodedLatents:
         idx = torch.arange(len(self))[index].reshape(-1)
         return torch.cat([self._decode(self.dataset.x0(idx[i:i + self.batch], stochastic=False))
                           for i in range(0, idx.numel(), self.batch)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_dataset(source: str, resolution: int | None = None, xflip: bool = False, split: str = "train",
