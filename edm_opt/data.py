@@ -160,10 +160,10 @@ class DecodedLatents:
     def __len__(self) -> int:
         return self.dataset.num_images
 
-    def __getitem__(self, index) -> torch.Tensor:
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         if self._decode is None:
             self._decode = decoder(self.dataset.latent, self.device)
-        idx = torch.arange(len(self))[index].reshape(-1)
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         return torch.cat([self._decode(self.dataset.x0(idx[i:i + self.batch], stochastic=False))
                           for i in range(0, idx.numel(), self.batch)])
 

@@ -399,8 +399,8 @@ def test_variants_are_series_each_against_its_own_base(tmp_path):
                 w.writerows(part_rows)
     merged = tables(tmp_path / "csv-s3", tmp_path / "csv-s4")
     assert merged.returncode == 0 and merged.stdout == whole.stdout
-    clash = tables(tmp_path / "csv-s3", tmp_path / "csv")  # seed 3's runs again, but renamed below
-    assert clash.returncode == 0 and clash.stdout == whole.stdout
+    again = tables(tmp_path / "csv-s3", tmp_path / "csv")  # seed 3's runs in both folders, same names: fine
+    assert again.returncode == 0 and again.stdout == whole.stdout
     renamed = tmp_path / "csv-renamed"
     shutil.copytree(tmp_path / "csv-s3", renamed)
     text = (renamed / "runs.csv").read_text()

@@ -60,7 +60,7 @@ class Study:
         self.data = dataset.to_float()  # converted once, not per estimate (3 s for CIFAR-10)
 
     def estimate(self, part: str, cond: bool, estimator: str, sigmas, m: int, L: int | None = None,
-                 C: float | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+                 C: float | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """J*, standard error and wall time (s) at each of `sigmas` (per-dimension x0 MSE, VE sigma)."""
         vals, ses, walls = [], [], []
         for s in np.atleast_1d(sigmas):
