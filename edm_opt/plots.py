@@ -166,6 +166,8 @@ def plot_gap_fid(points, corr, path: str | os.PathLike) -> Path:
     fig, (ax, ax2) = figure(1, 2, figsize=(11, 4.2))
     s = [c.sigma for c in corr]
     ax.semilogx(s, [c.pearson for c in corr], marker=".", label="Pearson")
+    ax.fill_between(s, [c.pearson_lo for c in corr], [c.pearson_hi for c in corr], alpha=0.2,
+                    label="95% CI, runs resampled")
     ax.semilogx(s, [c.spearman for c in corr], marker="x", ls=":", label="Spearman")
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="sigma (VE)", ylabel="correlation of gap_sigma with FID", ylim=(-1.05, 1.05),

@@ -204,8 +204,9 @@ def write_csv(csv_dir: Path, exp: ExperimentData, a: Analysis) -> list[Path]:
                    "n_dropped", "jstar", "floor_identifiable", "note"], fits),
         _write_csv(csv_dir / "runs.csv", ["run_id", "run_name", "schedule", "preset", "param_count", "status",
                    "source", "nimg", "flops_total", "ref_gap", "fid", "kid", "variant", "seed"], runs),
-        _write_csv(csv_dir / "gap_fid.csv", ["sigma", "pearson", "spearman", "n"],
-                   [[c.sigma, c.pearson, c.spearman, c.n] for c in a.gap_fid]),
+        _write_csv(csv_dir / "gap_fid.csv", ["sigma", "pearson", "pearson_ci_low", "pearson_ci_high", "spearman", "n",
+                                             "runs"],
+                   [[c.sigma, c.pearson, c.pearson_lo, c.pearson_hi, c.spearman, c.n, c.runs] for c in a.gap_fid]),
     ]
 
 

@@ -467,6 +467,8 @@ def draw_gap_fid_page(exp: ExperimentData, a: Analysis):
         return fig
     s = np.array([c.sigma for c in ok])
     ax.plot(s, [c.pearson for c in ok], "o-", ms=4, label="Pearson rho")
+    ax.fill_between(s, [c.pearson_lo for c in ok], [c.pearson_hi for c in ok], alpha=0.2,
+                    label="95% CI, runs resampled")  # NaN (fewer runs than a CI needs): no band
     ax.plot(s, [c.spearman for c in ok], "s--", ms=3, label="Spearman rho")
     ax.axhline(0, color="grey", lw=1)
     log_axes(ax, y=False)

@@ -158,8 +158,9 @@ def _gap_fid_sentence(a: Analysis) -> str:
                 f"at least 3 are needed for a correlation.")
     best = max(ok, key=lambda c: abs(c.pearson))
     return (f"Gap vs FID across {len(a.gap_fid_points)} (run, snapshot) points: the gap correlates most with "
-            f"FID at sigma = {fmt(best.sigma)} (Pearson rho = {best.pearson:.3f}, Spearman = {best.spearman:.3f}, "
-            f"n = {best.n}).")
+            f"FID at sigma = {fmt(best.sigma)} (Pearson rho = {best.pearson:.3f}"
+            + ("" if math.isnan(best.pearson_lo) else f", 95% CI [{best.pearson_lo:.3f}, {best.pearson_hi:.3f}] "
+               f"resampling runs") + f", Spearman = {best.spearman:.3f}, n = {best.n} from {best.runs} runs).")
 
 
 def summary_lines(exp: ExperimentData, a: Analysis, missing: list[str]) -> list[str]:

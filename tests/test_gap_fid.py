@@ -47,3 +47,37 @@ def test_match_pairs_fid_with_the_evaluation_at_the_same_nimg():
     assert points[0].gap == {"0.01": 0.05, "80": 0.25}  # None dropped
     assert points[1].gap == {"0.01": 0.01, "1": 0.1}  # NaN dropped
     assert points[0].run_id == "id" and points[0].run_name == "name"
+
+
+def _runs_of(n_runs: int, per_run: int, slope: float, seed: int) -> list[GapFidPoint]:
+    """Each run's snapshots share a run-level offset in FID: FID = slope x gap + offset_run + noise."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for r in range(n_runs):
+        offset = rng.normal(0, 0.5)
+        for t in range(per_run):
+            g = float(rng.uniform(0.1, 1.0))
+            points.append(GapFidPoint(f"r{r}", f"r{r}", 512 * (t + 1), slope * g + offset + 0.1 * rng.normal(), {"1": g}))
+    return points
+
+
+def test_bootstrap_interval_resamples_runs():
+    (c,) = gap_fid_correlation(_runs_of(12, 6, slope=2.0, seed=1), resamples=500)
+    assert c.n == 72 and c.runs == 12
+    assert c.pearson_lo < c.pearson < c.pearson_hi and 0 < c.pearson_lo and c.pearson_hi <= 1
+    # the same data with every snapshot its own run: the interval narrows (runs carry the offsets)
+    alone = [GapFidPoint(f"p{i}", f"p{i}", p.nimg, p.fid, p.gap) for i, p in enumerate(_runs_of(12, 6, 2.0, 1))]
+    (d,) = gap_fid_correlation(alone, resamples=500)
+    assert d.pearson == pytest.approx(c.pearson) and d.runs == 72
+    assert d.pearson_hi - d.pearson_lo < c.pearson_hi - c.pearson_lo
+    # deterministic given the seed; no interval without resamples or with fewer runs than a CI needs
+    assert gap_fid_correlation(_runs_of(12, 6, 2.0, 1), resamples=500) == [c]
+    (e,) = gap_fid_correlation(_runs_of(12, 6, 2.0, 1), resamples=0)
+    assert math.isnan(e.pearson_lo) and e.pearson == pytest.approx(c.pearson)
+    (f,) = gap_fid_correlation(_runs_of(4, 6, 2.0, 1))
+    assert f.runs == 4 and math.isnan(f.pearson_hi) and np.isfinite(f.pearson)
+
+
+def test_bootstrap_interval_covers_zero_when_fid_ignores_the_gap():
+    (c,) = gap_fid_correlation(_runs_of(10, 5, slope=0.0, seed=2), resamples=500)
+    assert c.pearson_lo < 0 < c.pearson_hi
