@@ -447,13 +447,31 @@ def data_info(source, resolution, xflip, split, as_json):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .zip (EDM format).")
 @click.option("--resolution", type=int, default=None, help="Pad or resize to RxR.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
-def data_convert(source, out, resolution, split):
-    """Write SOURCE in EDM's ZIP format (PNGs + dataset.json with labels)."""
-    from .data import load_dataset, write_edm_zip
+@click.option("--hold-out", "hold_out_count", type=click.IntRange(min=1), default=None,
+              help="Leave this many images out of --out (at random, in proportion to each class) and write them "
+                   "to --hold-out-to: a test split for `diagnose --test-data` where SOURCE has none.")
+@click.option("--hold-out-to", type=click.Path(dir_okay=False), default=None, help="Destination .zip of --hold-out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --hold-out draw.")
+def data_convert(source, out, resolution, split, hold_out_count, hold_out_to, seed):
+    """Write SOURCE in EDM's ZIP format (PNGs + dataset.json with labels), optionally without a held-out part.
 
-    if not out.endswith(".zip"):
-        raise click.BadParameter("the destination must end in .zip", param_hint="--out")
+    \b
+    Example: a 45k/5k split of the CIFAR-10 JPEG copy, whose zip has no test split:
+      edm-opt data convert ../shared/datasets/cifar10-train-jpeg.zip --out cifar10-train45k.zip \\
+          --hold-out 5000 --hold-out-to cifar10-heldout5k.zip
+    """
+    from .data import hold_out, load_dataset, write_edm_zip
+
+    for value, hint in ((out, "--out"), (hold_out_to, "--hold-out-to")):
+        if value is not None and not value.endswith(".zip"):
+            raise click.BadParameter("the destination must end in .zip", param_hint=hint)
+    if (hold_out_count is None) != (hold_out_to is None):
+        raise click.UsageError("--hold-out and --hold-out-to go together")
     dataset = load_dataset(source, resolution, split=split, progress=True)
+    if hold_out_count is not None:
+        dataset, held = hold_out(dataset, hold_out_count, seed)
+        path = write_edm_zip(held, hold_out_to, progress=True)
+        click.echo(f"wrote {path}: {held.num_images} held-out images, fingerprint {held.fingerprint[:16]}")
     path = write_edm_zip(dataset, out, progress=True)
     click.echo(f"wrote {path}: {dataset.num_images} images, fingerprint {dataset.fingerprint[:16]}")
 

@@ -505,6 +505,33 @@ def _preprocess(images: torch.Tensor, resolution: int | None) -> tuple[torch.Ten
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), f"resize{resolution}"
 
 
+def hold_out(dataset: ImageDataset, count: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Split off `count` images that training never sees (for diagnose --test-data when a dataset has no test
+    split): (kept, held out), drawn at random with `seed`, in proportion to each class for labelled data, each
+    part in the dataset's order."""
+    n = dataset.num_images
+    if not 0 < count < n:
+        raise DatasetError(f"hold-out: {count} images out of the {n} of {dataset.spec.source}; expected 1 to {n - 1}")
+    if dataset.latent is not None:
+        raise DatasetError("hold-out: latent datasets are split by their own tools, not rewritten as images")
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(n, np.int64) if dataset.labels is None else dataset.labels.numpy()
+    classes, sizes = np.unique(labels, return_counts=True)
+    quota = np.floor(count * sizes / n).astype(np.int64)  # largest remainders fill up to `count`
+    quota[np.argsort(-(count * sizes / n - quota), kind="stable")[:count - quota.sum()]] += 1
+    held = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), q, replace=False)
+                                   for c, q in zip(classes, quota)]))
+    mask = np.ones(n, bool)
+    mask[held] = False
+
+    def part(idx: np.ndarray) -> ImageDataset:
+        idx = torch.from_numpy(idx)
+        return ImageDataset(dataset.images[idx], None if dataset.labels is None else dataset.labels[idx],
+                            dataset.spec, dataset.preprocessing)
+
+    return part(np.flatnonzero(mask)), part(held)
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing the EDM ZIP format: PNGs at `{i // 1000:05d}/img{i:08d}.png` and `dataset.json`.
 

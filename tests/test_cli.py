@@ -48,6 +48,29 @@ def test_data_info_and_convert(tmp_path):
     assert padded["shape"] == [1, 12, 12] and padded["count"] == 1797
 
 
+def test_data_convert_holds_out_a_test_split(tmp_path):
+    from edm_opt.data import load_dataset
+
+    p = run(["data", "convert", "digits", "--out", "kept.zip", "--hold-out", "180", "--hold-out-to", "held.zip"],
+            tmp_path)
+    assert "180 held-out images" in p.stdout
+    full, kept, held = (load_dataset(s) for s in ("digits", str(tmp_path / "kept.zip"), str(tmp_path / "held.zip")))
+    assert (kept.num_images, held.num_images) == (1617, 180)
+    counts = full.labels.bincount()
+    assert (held.labels.bincount() - counts * 180 / 1797).abs().max() < 1  # in proportion to each class
+    # a partition of the images: every image once, none in both parts (digits has a few duplicates: compare counts)
+    rows = lambda d: [(bytes(im.numpy()), int(c)) for im, c in zip(d.images, d.labels)]
+    assert sorted(rows(kept) + rows(held)) == sorted(rows(full))
+    again = run(["data", "convert", "digits", "--out", "k2.zip", "--hold-out", "180", "--hold-out-to", "h2.zip"],
+                tmp_path)
+    assert again.stdout.replace("k2", "kept").replace("h2", "held") == p.stdout  # the seed fixes the draw
+    p = run(["data", "convert", "digits", "--out", "x.zip", "--hold-out", "1797", "--hold-out-to", "y.zip"], tmp_path,
+            check=False)
+    assert p.returncode == 1 and "1797" in p.stderr and not (tmp_path / "x.zip").exists()
+    p = run(["data", "convert", "digits", "--out", "x.zip", "--hold-out", "5"], tmp_path, check=False)
+    assert p.returncode == 2 and "--hold-out-to" in p.stderr and not (tmp_path / "x.zip").exists()
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     p = run(["estimate", "--data", str(tmp_path / "nope")], tmp_path, check=False)
     assert p.returncode == 1 and "nope" in p.stderr and "Traceback" not in p.stderr

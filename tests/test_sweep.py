@@ -147,7 +147,8 @@ def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = {"scaling-digits.yaml": 10, "schedule-fashion-mnist.yaml": 8, "edm2-img64-scaling.yaml": 10,
                 "edm-cifar10-ddpmpp.yaml": 4, "claims-fashion-mnist.yaml": 24, "demo.yaml": 6,
-                "schedule-variants-fashion-mnist.yaml": 20, "schedule-stage2-fashion-mnist.yaml": 16}
+                "schedule-variants-fashion-mnist.yaml": 20, "schedule-stage2-fashion-mnist.yaml": 16,
+                "cifar10-edm2-micro.yaml": 14}
     shipped = sorted((ROOT / "sweeps").glob("*.yaml"))
     assert set(expected) <= {p.name for p in shipped}
     for path in shipped:
@@ -180,6 +181,14 @@ def test_shipped_sweeps_pass_dry_run_without_their_data(tmp_path, monkeypatch):
                                                       ("fm", None, None), ("optimal", "fm", "base-below")]
                for b in blocks)
     assert all(c.resolved.duration == 256 * 1024 and c.resolved.fid_images == 1024 for c in stage2.cells)
+    # CIFAR-10: five families and stage 3 of the schedule study, one preset, seed 0's 7 cells first
+    c10 = load_sweep(ROOT / "sweeps" / "cifar10-edm2-micro.yaml")
+    assert [c.resolved.seed for c in c10.cells] == [0] * 7 + [1] * 7
+    assert {c.resolved.schedule for c in c10.cells} == {"vp", "ve", "edm", "edm2", "fm", "optimal"}
+    assert {(c.resolved.base_schedule, c.resolved.opt_variant) for c in c10.cells if c.resolved.schedule ==
+            "optimal"} == {("edm2", "edm2-tilt"), ("fm", "base-below")}
+    assert {(c.resolved.preset, c.resolved.duration, c.resolved.class_conditional) for c in c10.cells} == {
+        ("edm2-micro", 128 * 1024, False)}
     # the claims sweep: 3 sizes x {edm2, optimal on edm2, fm, optimal on fm} x 2 seeds at equal images
     claims = load_sweep(ROOT / "sweeps" / "claims-fashion-mnist.yaml")
     assert len({c.resolved.preset for c in claims.cells}) == 3 and {c.resolved.seed for c in claims.cells} == {0, 1}
