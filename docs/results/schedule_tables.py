@@ -158,7 +158,7 @@ def main() -> None:
     rows = []
     for p in st.presets:
         for s in st.series:
-            if s == "edm2":
+            if s == "edm2" or not st.pairs(p, s, "edm2"):
                 continue
             r = st.sigma_ratios(p, s, "edm2")
             worst = int(np.nanargmax(r)) if np.isfinite(r).any() else None
@@ -171,6 +171,8 @@ def main() -> None:
     for p in st.presets:
         for s in st.series:
             shares = [st.per_sigma_of((p, s, seed), "share") for seed in st.seeds if (p, s, seed) in st.runs]
+            if not shares:  # a series not (yet) run at this size
+                continue
             mean = np.nanmean(np.array(shares), axis=0)
             rows.append([p, s, *[fmt(float(np.nansum(mean[(st.sigmas >= lo) & (st.sigmas < hi)])), ".3f")
                                  for lo, hi in BANDS]])
@@ -182,9 +184,9 @@ def main() -> None:
     rows = []
     for p in st.presets:
         for s in st.series:
-            if not s.startswith("optimal"):
-                continue
             own = base_of(s)
+            if not s.startswith("optimal") or not st.pairs(p, s, own):
+                continue
             r = st.sigma_ratios(p, s, own)
             checks = [st.ratio(p, s, own, "ref_gap"), st.ratio(p, s, own, "kid"), float(np.nanmax(r)),
                       st.near_star(r)]
