@@ -25,19 +25,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from schedule_tables import BAND_NAMES, BANDS, Study, fmt, geomean, num, read, table  # noqa: E402
+from schedule_tables import BAND_NAMES, Study, fmt, geomean, num, read, table  # noqa: E402
 
 EPS_PREDICTION = ("vp", "ve")  # EDM's VP and VE losses: the network predicts eps (method.md, schedules)
 X0_FAMILIES = ("edm", "edm2", "fm")
 
 
-def band_masks(sigmas: np.ndarray) -> list[np.ndarray]:
-    return [(sigmas >= lo) & (sigmas < hi) for lo, hi in BANDS]
-
-
-def mean_over_seeds(st: Study, series: str, column: str) -> np.ndarray:
-    rows = [st.per_sigma_of(k, column) for k in st.runs if k[1] == series]
-    return np.nanmean(np.array(rows), axis=0)
 
 
 def main() -> None:
@@ -47,16 +40,17 @@ def main() -> None:
                     help="folder of `edm-opt diagnose --test-data ... --out DIR/<run name>` outputs")
     args = ap.parse_args()
     st = Study(args.csv_dirs)
-    masks = band_masks(st.sigmas)
+    masks = st.bands()
+    runs_of = {s: [k for k in st.runs if k[1] == s] for s in st.series}  # (preset, series, seed) keys, all seeds
     out = [f"sigma* = {st.sigma_star:.4g} (largest grid sigma with J* < 1e-3 J*_max); seeds {st.seeds}; "
            f"presets {', '.join(st.presets)}.", ""]
 
     # 1. each series: sample quality and where its gap sits
-    gaps = {s: mean_over_seeds(st, s, "gap") for s in st.series}
+    gaps = {s: np.nanmean([st.per_sigma_of(k, "gap") for k in runs_of[s]], axis=0) for s in st.series}
     out += ["### Each series (means over seeds): final reference gap, KID, FID, mean gap per band, its peak", ""]
     rows = []
     for s in st.series:
-        keys = [k for k in st.runs if k[1] == s]
+        keys = runs_of[s]
         g = gaps[s]
         peak = int(np.nanargmax(g))
         rows.append([s, str(len(keys)), *[fmt(float(np.mean([st.runs[k][m] for k in keys])), f)
@@ -87,7 +81,7 @@ def main() -> None:
         rows = []
         for s in st.series:
             rel = []
-            for k in (k for k in st.runs if k[1] == s):
+            for k in runs_of[s]:
                 path = args.diagnose / st.runs[k]["name"] / "diagnose.json"
                 if not path.is_file():
                     raise SystemExit(f"{path}: missing; run `edm-opt diagnose RUN --test-data ... --out "
@@ -115,9 +109,9 @@ def main() -> None:
                         fmt(num(c["spearman"]), ".3f"), c["n"], c["runs"]] for c in corr]), ""]
         sig = np.array([num(c["sigma"]) for c in corr])
         rho = np.array([num(c["pearson"]) for c in corr])
-        for name, m in (("left of sigma*", sig < st.sigma_star * (1 - 1e-9)),
-                        ("in [sigma*, 4 sigma*]", (sig >= st.sigma_star * (1 - 1e-9)) & (sig <= 4 * st.sigma_star)),
-                        ("above 4 sigma*", sig > 4 * st.sigma_star)):
+        near = st.near_star_mask(sig)
+        for name, m in (("left of sigma*", ~near & (sig < st.sigma_star)), ("in [sigma*, 4 sigma*]", near),
+                        ("above 4 sigma*", ~near & (sig > st.sigma_star))):
             v = rho[m & np.isfinite(rho)]
             out.append(f"- {name}: {int((v > 0).sum())} of {v.size} grid sigmas positive, mean rho "
                        f"{fmt(float(v.mean()) if v.size else math.nan, '.3f')} (paper: positive left of sigma*, "

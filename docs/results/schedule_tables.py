@@ -110,12 +110,19 @@ class Study:
         r = [self.per_sigma_of(a, "gap") / self.per_sigma_of(b, "gap") for a, b in self.pairs(preset, series, base)]
         return np.nanmean(np.array(r), axis=0) if r else np.full(self.sigmas.shape, math.nan)
 
+    def bands(self) -> list[np.ndarray]:
+        """Masks over the grid: one per band of BANDS."""
+        return [(self.sigmas >= lo) & (self.sigmas < hi) for lo, hi in BANDS]
+
+    def near_star_mask(self, sigmas: np.ndarray) -> np.ndarray:
+        """sigma in [sigma*, 4 sigma*]."""
+        return (sigmas >= self.sigma_star * (1 - 1e-9)) & (sigmas <= 4 * self.sigma_star)
+
     def band_ratios(self, ratios: np.ndarray) -> list[float]:
-        return [geomean(ratios[(self.sigmas >= lo) & (self.sigmas < hi)]) for lo, hi in BANDS]
+        return [geomean(ratios[m]) for m in self.bands()]
 
     def near_star(self, ratios: np.ndarray) -> float:
-        band = (self.sigmas >= self.sigma_star * (1 - 1e-9)) & (self.sigmas <= 4 * self.sigma_star)
-        return geomean(ratios[band])
+        return geomean(ratios[self.near_star_mask(self.sigmas)])
 
     def spread(self, preset: str, series: str, metric: str) -> float:
         """Seed-to-seed spread: (max - min) / mean over the seeds."""
@@ -174,8 +181,7 @@ def main() -> None:
             if not shares:  # a series not (yet) run at this size
                 continue
             mean = np.nanmean(np.array(shares), axis=0)
-            rows.append([p, s, *[fmt(float(np.nansum(mean[(st.sigmas >= lo) & (st.sigmas < hi)])), ".3f")
-                                 for lo, hi in BANDS]])
+            rows.append([p, s, *[fmt(float(np.nansum(mean[m])), ".3f") for m in st.bands()]])
     out += [table(["preset", "series", *BAND_NAMES], rows), ""]
 
     out += ["### The bar (issue 17), per optimal series", "",
